@@ -1,0 +1,75 @@
+"""LR-QAT: low-rank adapters placed inside the rounding of a frozen, downcast integer-domain weight.
+
+    W_hat = s * (clip(round(Phi0 + (alpha / r) B @ A), qmin, qmax) - z)
+
+Phi0 = phi(W0 / s0 + z0) is a buffer in the downcast format; A, B and s are the only Parameters.
+Folding gives integer codes clip(round(Phi0 + (alpha/r) B@A)) with scale s: no extra inference cost.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..quant.affine import QuantSpec, clamp_codes, round_ste, to_codes_domain
+from ..quant.downcast import Downcast, get_downcast
+from ..quant.range_init import init_range
+from .base import QuantLinear
+from .config import QATConfig
+
+
+class LRQATLinear(QuantLinear):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, downcast: Downcast, rank: int,
+                 alpha: float, bias: torch.Tensor | None = None, train_scale: bool = True, name: str = "<layer>"):
+        super().__init__(in_features, out_features, spec, bias, name)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"{name}: rank {rank} exceeds min(in, out) = {min(in_features, out_features)}")
+        self.downcast, self.rank, self.alpha = downcast, rank, alpha
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.ones(out_features, self.n_groups, dtype=torch.float32),
+                                  requires_grad=train_scale)
+        self.register_buffer("phi0", None)
+        self.register_buffer("s0", torch.ones(out_features, self.n_groups, dtype=torch.float32))
+        self.register_buffer("zero_point", None)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: QATConfig, name: str) -> "LRQATLinear":
+        spec = cfg.spec
+        layer = cls(linear.in_features, linear.out_features, spec, get_downcast(cfg.downcast, spec), cfg.rank,
+                    cfg.alpha, linear.bias, cfg.train_scale, name)
+        layer.to(linear.weight.device)
+        layer.init_from_weight(linear.weight, cfg)
+        return layer
+
+    @torch.no_grad()
+    def init_from_weight(self, w0: torch.Tensor, cfg: QATConfig) -> None:
+        """Range-initialise s0 (z0), store Phi0 = phi(W0/s0 + z0) and initialise the adapters."""
+        s0, z0 = init_range(w0, self.spec, cfg.range_init, cfg.lp_norm, cfg.lp_grid, self.layer_name)
+        x = to_codes_domain(w0.float(), s0, z0)
+        self.s0.copy_(s0)
+        self.scale.copy_(s0)
+        self.zero_point = z0
+        self.phi0 = self.downcast.encode(x)
+        if cfg.init == "svd":
+            self._svd_init(x - self.downcast.decode(self.phi0))
+
+    def _svd_init(self, residual: torch.Tensor) -> None:
+        # LoftQ-like: (alpha/r) B@A is the best rank-r approximation of what the downcast lost.
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = (s[: self.rank] / self.scaling).sqrt()
+        self.lora_B.copy_(u[:, : self.rank] * root)
+        self.lora_A.copy_(root[:, None] * vh[: self.rank])
+
+    def codes(self) -> torch.Tensor:
+        phi = self.downcast.decode(self.phi0)
+        return clamp_codes(round_ste(phi + self.scaling * (self.lora_B @ self.lora_A)), self.spec)
+
+    def scale_tensor(self) -> torch.Tensor:
+        return self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, phi={self.downcast.name}"
