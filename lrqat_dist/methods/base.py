@@ -51,7 +51,7 @@ class _RecomputedLinear(torch.autograd.Function):
             w = module.weight_hat().to(x.dtype)
         ctx.module = module
         ctx.save_for_backward(x)
-        return F.linear(x, w, module.bias)
+        return F.linear(x, w, module.cast_bias(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -96,6 +96,9 @@ class QuantLinear(nn.Module):
     def zero_point_tensor(self) -> torch.Tensor | None:
         return getattr(self, "zero_point", None)
 
+    def cast_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
     def weight_hat(self) -> torch.Tensor:
         """The training-time fp32 weight ``s * (q - z)``."""
         return dequantize(self.codes(), self.scale_tensor(), self.zero_point_tensor)
@@ -105,7 +108,7 @@ class QuantLinear(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return _RecomputedLinear.apply(x, self, *params)
         with torch.no_grad():
-            return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+            return F.linear(x, self.weight_hat().to(x.dtype), self.cast_bias(x.dtype))
 
     @torch.no_grad()
     def fold(self) -> FoldedWeight:
