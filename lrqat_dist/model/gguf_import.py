@@ -24,7 +24,6 @@ Entry points: :func:`prepare_model` (any registered source name, or a local ``.g
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
