@@ -24,6 +24,14 @@ def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[to
     return scale, zero.to(torch.int32)
 
 
+def _pow_abs_(d: torch.Tensor, p: float) -> torch.Tensor:
+    """|d|^p in place; p = 2 and 4 by multiplication (several times faster than a float pow)."""
+    if p in (2.0, 4.0):
+        d.mul_(d)
+        return d.mul_(d) if p == 4.0 else d
+    return d.abs_().pow_(p)
+
+
 def _init_chunk(w: torch.Tensor, spec: QuantSpec, n_groups: int, method: str, p: float, grid: int):
     g = grouped(w, n_groups)
     lo, hi = g.amin(-1), g.amax(-1)
@@ -39,7 +47,7 @@ def _init_chunk(w: torch.Tensor, spec: QuantSpec, n_groups: int, method: str, p:
         if z is not None:
             x += z.unsqueeze(-1)
         q = torch.round(x).clamp_(spec.qmin, spec.qmax)
-        err = x.sub_(q).abs_().pow_(p).sum(-1) * s.pow(p)
+        err = _pow_abs_(x.sub_(q), p).sum(-1) * s.pow(p)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
