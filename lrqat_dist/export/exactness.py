@@ -16,6 +16,8 @@ from ..methods import QuantLinear
 from .hf_dir import dtype_name
 
 MAX_LISTED = 8
+DENSE_ALTERNATIVE = ("Export with dtype float32, or accept rounding of the dense tensors with allow_rounding=True "
+                     "(tools/export.py --allow-rounding).")
 
 
 class ExportRefused(ValueError):
@@ -73,7 +75,7 @@ class RoundingLog:
 class DenseCaster:
     """Casts dense tensors to the export dtype; refuses (or, if allowed, logs) any value it changes."""
 
-    def __init__(self, fmt: str, dtype: torch.dtype, allow_rounding: bool, alternative: str):
+    def __init__(self, fmt: str, dtype: torch.dtype, allow_rounding: bool, alternative: str = DENSE_ALTERNATIVE):
         self.fmt, self.dtype, self.allow_rounding, self.alternative = fmt, dtype, allow_rounding, alternative
         self.log = RoundingLog()
 

