@@ -21,12 +21,29 @@ _CHARS_PER_TOKEN = 8
 
 
 def batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
-    """``texts -> ids`` with no special tokens, using the Rust batch path of fast tokenizers."""
+    """``texts -> ids`` with no special tokens, using the Rust batch path of fast tokenizers.
+
+    Special-token strings inside a document (a web page quoting ``<|endoftext|>``) are
+    tokenized as plain text, so only the packer places EOS / BOS. The Rust tokenizer's
+    ``encode_special_tokens`` switch is set for the duration of each call and restored after
+    (a private copy would cost ~1 s per reader to build); do not tokenize with the same
+    tokenizer object from another thread while a loader in this process is producing batches.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-        return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
-    return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if backend is None:
+        # Slow (Python) tokenizers: no batch path and no way to disable special-token parsing.
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+
+    def run(texts: list[str]) -> list[list[int]]:
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
+
+    return run
 
 
 def cut_for_tokens(text: str, max_tokens: int) -> Optional[str]:

@@ -49,6 +49,7 @@ def resolve_files(spec: Union[str, list[str], None], key: str) -> list[str]:
         raise ValueError(f"{key}: empty list")
     files: list[str] = []
     for item in items:
+        item = os.path.expanduser(item)  # recipes name cache paths as ~/.cache/...
         if any(c in item for c in "*?["):
             matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
             matches = [m for m in matches if m.endswith(SUFFIXES)]

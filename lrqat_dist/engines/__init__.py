@@ -1,0 +1,27 @@
+"""Training engines: one process (``none``), DeepSpeed ZeRO 0-3 (``deepspeed``), FSDP2 (``fsdp2``).
+
+Engine modules are imported on demand, so a single-process run never imports DeepSpeed.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Engine, next_token_loss
+from .env import DistEnv
+
+_ENGINES = {
+    "none": ("lrqat_dist.engines.single", "SingleEngine"),
+    "deepspeed": ("lrqat_dist.engines.deepspeed", "DeepSpeedEngine"),
+    "fsdp2": ("lrqat_dist.engines.fsdp2", "FSDP2Engine"),
+}
+
+
+def get_engine(name: str) -> type[Engine]:
+    """The engine class for ``dist.engine``."""
+    if name not in _ENGINES:
+        raise ValueError(f"dist.engine: unknown {name!r}; expected one of {', '.join(_ENGINES)}")
+    module, cls = _ENGINES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["Engine", "DistEnv", "get_engine", "next_token_loss"]

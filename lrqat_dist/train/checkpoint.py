@@ -1,0 +1,217 @@
+"""Atomic, resumable checkpoints and their on-disk layout (the contract export reads).
+
+    <output_dir>/config.yaml                       resolved config of the run (written at start)
+    <output_dir>/checkpoints/step_<N:08d>/
+        meta.json               step, engine, zero_stage, world_size, trainable names, "complete": true
+                                (written last, after every other file)
+        config.yaml             resolved config the checkpoint was trained with
+        trainable.safetensors   full fp32 trainable tensors (A, B, s ...) keyed by model parameter names,
+                                for every engine: the one file export needs besides the base model
+        rank_<r:05d>.pt         per rank: data-stream state, RNG states
+        <engine payload>        none: train_state.pt (optimizer, scheduler); deepspeed: deepspeed/
+                                (DeepSpeed save_checkpoint layout); fsdp2: dcp/ (torch.distributed.checkpoint)
+
+A checkpoint is written into ``checkpoints/.tmp_step_<N>`` and renamed into place once complete, so a
+crash mid-save leaves the previous checkpoints untouched; ``resume: auto`` takes the newest directory
+whose meta.json says ``complete`` and warns about any other.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..engines import DistEnv, Engine
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
+TRAINABLE_FILE = "trainable.safetensors"
+FORMAT = 1
+_PREFIX, _TMP_PREFIX = "step_", ".tmp_step_"
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"{_PREFIX}{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    """meta.json of a checkpoint directory if it is complete, else None."""
+    meta_path = Path(path) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("complete") is True else None
+
+
+def list_checkpoints(output_dir: str | Path, warn: bool = True) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``[(step, path)]`` by step; incomplete ones are skipped with a warning."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = []
+    for path in sorted(root.glob(f"{_PREFIX}*")) if root.is_dir() else []:
+        meta = read_meta(path)
+        if meta is None:
+            if warn:
+                logger.warning("skipping incomplete checkpoint %s (no complete meta.json)", path)
+            continue
+        found.append((int(meta["step"]), path))
+    if warn and root.is_dir():
+        for tmp in root.glob(f"{_TMP_PREFIX}*"):
+            logger.warning("ignoring %s: a checkpoint save that never finished", tmp)
+    return sorted(found)
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``auto``: newest complete checkpoint of ``output_dir`` (None if there is none); ``none``/None:
+    start fresh; anything else: that checkpoint directory, which must be complete."""
+    if resume in (None, "none", "never"):
+        return None
+    if resume == "auto":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1][1] if ckpts else None
+    path = Path(resume)
+    if read_meta(path) is None:
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no complete {META_FILE})")
+    return path
+
+
+# --- per-rank state ---------------------------------------------------------------------------
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores checkpoints of one run (all ranks call every method: they are collective)."""
+
+    def __init__(self, output_dir: str | Path, env: DistEnv, keep_last: int, config_text: str):
+        self.output_dir, self.env = Path(output_dir), env
+        self.root = self.output_dir / CHECKPOINTS
+        self.keep_last, self.config_text = keep_last, config_text
+
+    def save(self, step: int, engine: Engine, rank_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically; returns its directory. A complete one is kept as is."""
+        final = checkpoint_path(self.output_dir, step)
+        if self.env.broadcast_object(read_meta(final) is not None if self.env.is_main else None):
+            return final
+        tmp = self.root / f"{_TMP_PREFIX}{step:08d}"
+        t0 = time.perf_counter()
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.env.barrier()
+        payload = engine.save(tmp)
+        torch.save(rank_state, tmp / rank_file(self.env.rank))
+        trainable = engine.trainable_state()
+        if self.env.is_main:
+            save_file(trainable, str(tmp / TRAINABLE_FILE))
+        self.env.barrier()  # every rank's files are written
+        if self.env.is_main:
+            (tmp / CONFIG_FILE).write_text(self.config_text)
+            _fsync_tree(tmp)
+            meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": self.env.world_size,
+                    "zero_stage": getattr(engine, "zero_stage", None), "trainable": list(engine.trainable_names),
+                    **payload, **meta,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": True}
+            with open(tmp / META_FILE, "w") as f:  # the completion marker: last file written
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # an incomplete leftover under the final name
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+            logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
+        self.env.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = list_checkpoints(self.output_dir, warn=False)
+        for _, path in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(path, ignore_errors=True)
+        latest = complete[-1][0] if complete else -1
+        for tmp in self.root.glob(f"{_TMP_PREFIX}*"):
+            if int(tmp.name[len(_TMP_PREFIX):]) < latest:
+                logger.warning("removing %s, left by an interrupted save", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def load(self, path: Path, engine: Engine) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore ``engine`` from checkpoint ``path``; returns (meta, this rank's state)."""
+        meta = read_meta(path)
+        if meta is None:
+            raise FileNotFoundError(f"{path}: not a complete checkpoint")
+        if meta["engine"] != engine.name:
+            raise ValueError(f"{path}: saved by engine {meta['engine']!r}, this run uses {engine.name!r} "
+                             f"(set dist.engine={meta['engine']} to resume it)")
+        if meta["world_size"] != self.env.world_size:
+            raise ValueError(f"{path}: saved with world_size={meta['world_size']}, this run has "
+                             f"{self.env.world_size}; resume with the same number of processes")
+        if meta.get("zero_stage") != getattr(engine, "zero_stage", None):
+            raise ValueError(f"{path}: saved with zero_stage={meta.get('zero_stage')}, this run uses "
+                             f"{getattr(engine, 'zero_stage', None)}")
+        if list(meta["trainable"]) != list(engine.trainable_names):
+            raise ValueError(f"{path}: its trainable parameters differ from this model's (model/quant changed?)")
+        engine.load(path)
+        rank_state = torch.load(path / rank_file(self.env.rank), map_location="cpu", weights_only=False)
+        self._verify(path, engine)
+        logger.info("resumed from %s (step %d)", path, meta["step"])
+        return meta, rank_state
+
+    def _verify(self, path: Path, engine: Engine) -> None:
+        """The engine's trainable tensors after loading must equal trainable.safetensors bit for bit."""
+        live = engine.trainable_state()
+        bad = None
+        if self.env.is_main:
+            saved = load_file(str(path / TRAINABLE_FILE))
+            bad = [n for n in engine.trainable_names if not torch.equal(live[n], saved[n])]
+        bad = self.env.broadcast_object(bad)  # every rank raises, none is left waiting
+        if bad:
+            raise RuntimeError(f"{path}: after loading, {len(bad)} trainable tensors differ from "
+                               f"{TRAINABLE_FILE} (e.g. {bad[0]}); the {engine.name} payload is inconsistent")

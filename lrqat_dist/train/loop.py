@@ -1,0 +1,284 @@
+"""The training loop: one code path for every engine.
+
+    result = train(load_config("configs/tiny-cpu.yaml"), resume="auto")
+
+Order of a run: join the job (engine ``setup``) -> tokenizer -> prepared model (identical on every
+rank, checked) -> engine (shards, optimizer, schedule) -> data -> resume -> steps. A step is
+``train.grad_accum`` micro-batches of ``forward_backward`` then one ``engine.step()``; logging,
+validation, checkpoints and the preemption check happen between steps only, so a checkpoint never
+holds a half-accumulated step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..data import build_train_loader, build_val_loader
+from ..engines import DistEnv, Engine, get_engine
+from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing, resolve_dtype
+from .checkpoint import CONFIG_FILE, Checkpointer, capture_rng, list_checkpoints, resolve_resume, restore_rng
+from .config import JobConfig, dump_config, parse_yaml
+from .metrics import MetricsLogger, peak_memory_gb
+from .preemption import PreemptionGuard
+
+logger = logging.getLogger(__name__)
+
+
+def default_train_loader(cfg: JobConfig, tokenizer: Any, env: DistEnv) -> Any:
+    return build_train_loader(cfg.data, tokenizer, micro_batch_size=cfg.train.micro_batch_size,
+                              rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
+
+
+def default_val_loader(cfg: JobConfig, tokenizer: Any, env: DistEnv) -> Any | None:
+    if cfg.train.val_every == 0:
+        return None
+    return build_val_loader(cfg.data, tokenizer, micro_batch_size=cfg.train.micro_batch_size,
+                            rank=env.rank, world_size=env.world_size)
+
+
+@dataclass
+class Builders:
+    """How a run gets its parts from the config. Swap one to plug in something else (the tests use a
+    synthetic train loader); each must give the same result on every rank where the docs say so."""
+
+    tokenizer: Callable[[JobConfig, Path | None], Any] = build_tokenizer
+    model: Callable[[JobConfig, torch.device], nn.Module] = build_model
+    train_loader: Callable[[JobConfig, Any, DistEnv], Any] = default_train_loader
+    val_loader: Callable[[JobConfig, Any, DistEnv], Any | None] = default_val_loader
+
+
+@dataclass
+class TrainResult:
+    """How a run ended."""
+
+    step: int  # optimizer steps completed
+    preempted: bool  # stopped by SIGTERM/SIGINT (after saving)
+    checkpoint: Path | None  # last checkpoint written or resumed from
+    output_dir: Path
+
+
+StepHook = Callable[[int], None]
+
+
+def train(cfg: JobConfig, resume: str | None = "auto", builders: Builders | None = None,
+          on_step: StepHook | None = None) -> TrainResult:
+    """Run (or continue) the training job ``cfg``; every rank of the job calls this.
+
+    resume:       ``auto`` (newest complete checkpoint in ``train.output_dir``, else start fresh),
+                  ``none``, or a checkpoint directory.
+    on_step:      called on every rank with the step number right after each optimizer step, before
+                  that step's preemption check, logging, validation and checkpoint.
+    """
+    return Trainer(cfg, builders or Builders()).run(resume, on_step)
+
+
+@dataclass
+class _Window:
+    """What accumulates between two log lines."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds spent validating / checkpointing: not billed to throughput
+
+    def reset(self) -> None:
+        self.steps, self.loss_sum, self.tokens, self.start, self.paused = 0, 0.0, 0, time.perf_counter(), 0.0
+
+
+class Trainer:
+    """Builds every part of a run (collectively) and runs its steps."""
+
+    def __init__(self, cfg: JobConfig, builders: Builders):
+        self.cfg = cfg
+        engine_cls = get_engine(cfg.dist.engine)
+        self.env = env = engine_cls.setup(cfg)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.config_text = dump_config(cfg)
+        self._write_config()
+        self.tokenizer = self._collective_first(lambda: builders.tokenizer(cfg, self.output_dir / "tokenizer"))
+        self.dtype = resolve_dtype(cfg.train, env.device)
+        model = builders.model(cfg, env.device)
+        self._check_same_model(model)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
+        self.engine: Engine = engine_cls(model, cfg, env)
+        self.train_loader = builders.train_loader(cfg, self.tokenizer, env)
+        self.val_loader = builders.val_loader(cfg, self.tokenizer, env)
+        self.checkpointer = Checkpointer(self.output_dir, env, cfg.train.keep_last, self.config_text)
+        # Nothing in an LLaMA step draws random numbers today; seeded per rank (and checkpointed) for what might.
+        torch.manual_seed(cfg.train.seed + env.rank)
+        logger.info("engine=%s world_size=%d device=%s dtype=%s trainable=%d tensors (%.2fM values)",
+                    engine_cls.name, env.world_size, env.device, self.dtype, len(self.engine.trainable_names),
+                    n_trainable / 1e6)
+
+    # --- setup helpers --------------------------------------------------------------------------
+    def _collective_first(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the main rank first (it may fill a cache), then on the others."""
+        out = fn() if self.env.is_main else None
+        self.env.barrier()
+        return out if self.env.is_main else fn()
+
+    def _write_config(self) -> None:
+        """Refuse to continue a run dir whose model/quant differ; then write the resolved config."""
+        error = None
+        if self.env.is_main:
+            path = self.output_dir / CONFIG_FILE
+            if path.is_file():
+                old = parse_yaml(path.read_text()) or {}
+                new = self.cfg.to_dict()
+                changed = [s for s in ("model", "quant") if old.get(s) != new[s]]
+                if changed and (self.output_dir / "checkpoints").is_dir():
+                    error = (f"{path}: this output_dir holds a run with a different '{changed[0]}' section; "
+                             "use a new train.output_dir")
+            if error is None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(self.config_text)
+        error = self.env.broadcast_object(error)
+        if error:
+            raise ValueError(error)
+
+    def _check_same_model(self, model: nn.Module) -> None:
+        # Frozen buffers are built, not broadcast: a rank that built different ones would train silently wrong.
+        prints = self.env.all_gather(buffer_fingerprint(model))
+        bad = [r for r, fp in enumerate(prints) if not torch.equal(fp, prints[0])]
+        if bad:
+            raise RuntimeError(f"ranks {bad} built different frozen buffers than rank 0 (same config and "
+                               "base model on every rank? deterministic range init on this hardware?)")
+
+    # --- the run --------------------------------------------------------------------------------
+    def run(self, resume: str | None, on_step: StepHook | None = None) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        found = None
+        if env.is_main:
+            try:
+                found = ("ok", resolve_resume(resume, self.output_dir))
+                if found[1] is None and list_checkpoints(self.output_dir, warn=False):
+                    found = ("error", f"{self.output_dir} already holds checkpoints; resume them (--resume auto) "
+                                      "or train into a new train.output_dir")
+            except FileNotFoundError as e:
+                found = ("error", str(e))
+        status, ckpt = env.broadcast_object(found)
+        if status == "error":
+            raise FileNotFoundError(ckpt)
+        step, self.tokens_seen = 0, 0
+        if ckpt is not None:
+            meta, rank_state = self.checkpointer.load(ckpt, self.engine)
+            self.train_loader.load_state_dict(rank_state["data"])
+            restore_rng(rank_state["rng"], env.device)
+            step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
+        metrics = MetricsLogger(self.output_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress_bar,
+                                step, cfg.train.max_steps)
+        last_ckpt, preempted = ckpt, False
+        try:
+            if step == 0 and self.val_loader is not None:
+                metrics.log(0, self.validate())
+            with PreemptionGuard() as guard:
+                self.engine.train()
+                batches = iter(self.train_loader)
+                window = _Window()
+                while step < cfg.train.max_steps:
+                    step += 1
+                    grad_norm, lrs = self._train_step(batches, window)
+                    if on_step is not None:
+                        on_step(step)
+                    preempted = env.any(guard.requested is not None)
+                    save = self._should_save(step) or preempted
+                    record: dict[str, Any] = {}
+                    if save or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                        record.update(self._log_record(window, lrs, grad_norm))  # also closes the window
+                    if cfg.train.val_every and step % cfg.train.val_every == 0:
+                        record.update(self._timed(window, self.validate))
+                    metrics.log(step, record)
+                    metrics.advance()
+                    if save:
+                        last_ckpt = self._timed(window, lambda: self.save(step))
+                    if preempted:
+                        metrics.write(f"preempted: saved {last_ckpt}, exiting at step {step}")
+                        break
+        finally:
+            metrics.close()
+            self.engine.close()
+        return TrainResult(step=step, preempted=preempted, checkpoint=last_ckpt, output_dir=self.output_dir)
+
+    def _train_step(self, batches, window: _Window) -> tuple[float | None, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (grad norm, lrs it used)."""
+        cfg, env = self.cfg, self.env
+        lrs = self.engine.lrs()
+        losses, tokens = [], 0
+        for micro in range(cfg.train.grad_accum):
+            input_ids = next(batches)["input_ids"].to(env.device, non_blocking=True)
+            losses.append(self.engine.forward_backward(input_ids, last_micro=micro == cfg.train.grad_accum - 1))
+            tokens += input_ids.numel() * env.world_size  # every rank takes equally shaped blocks
+        grad_norm = self.engine.step()
+        self.tokens_seen += tokens
+        window.tokens += tokens
+        window.steps += 1
+        window.loss_sum += float(torch.stack(losses).mean())
+        return grad_norm, lrs
+
+    @staticmethod
+    def _timed(window: _Window, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (validation, checkpoint) without billing its time to the throughput window."""
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            window.paused += time.perf_counter() - t0
+
+    def _log_record(self, window: _Window, lrs: dict[str, float], grad_norm: float | None) -> dict[str, Any]:
+        env = self.env
+        skips = self.train_loader.skip_counts()
+        kinds = sorted(skips)
+        sums = env.all_reduce([window.loss_sum] + [float(skips[k]) for k in kinds])
+        (peak,) = env.all_reduce([peak_memory_gb(env.device)], "max")
+        elapsed = time.perf_counter() - window.start - window.paused
+        record = {
+            "loss": sums[0] / env.world_size / window.steps,
+            "lr": lrs.get("adapters"),  # None for PEQA (scales only)
+            "scale_lr": lrs.get("scales"),
+            "grad_norm": grad_norm,
+            "tokens_per_s": window.tokens / elapsed if elapsed > 0 else None,
+            "step_time_s": elapsed / window.steps,
+            "tokens_seen": self.tokens_seen,
+            "peak_mem_gb": peak,
+            "data_skips": {k: int(v) for k, v in zip(kinds, sums[1:])},
+        }
+        window.reset()
+        return record
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Next-token loss and perplexity over the holdout blocks, summed over all ranks."""
+        if self.val_loader is None:
+            return {}
+        limit = self.cfg.train.val_batches
+        self.engine.train(False)
+        total, count = 0.0, 0
+        for i, batch in enumerate(self.val_loader):  # the same number of batches on every rank
+            if limit is not None and i >= limit:
+                break
+            s, n = self.engine.eval_loss_sum(batch["input_ids"].to(self.env.device))
+            total, count = total + s, count + n
+        self.engine.train(True)
+        total, count = self.env.all_reduce([total, float(count)])
+        val_loss = total / count
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": int(count)}
+
+    def _should_save(self, step: int) -> bool:
+        t = self.cfg.train
+        return bool(t.save_every and step % t.save_every == 0) or (step == t.max_steps and t.save_final)
+
+    def save(self, step: int) -> Path:
+        """Checkpoint after ``step`` (collective)."""
+        rank_state = {"data": self.train_loader.state_dict(), "rng": capture_rng(self.env.device)}
+        meta = {"tokens_seen": self.tokens_seen, "dtype": str(self.dtype).replace("torch.", "")}
+        return self.checkpointer.save(step, self.engine, rank_state, meta)
