@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify-load", action="store_true",
                    help="also load the whole export the way its consumer does (transformers / load_native) and "
                         "compare every weight (needs memory for the full model)")
+    p.add_argument("--drop-activation-quant", action="store_true",
+                   help="export even if the format cannot express the run's activation quantization (the loss "
+                        "is logged and recorded in lrqat_activations.json; see docs/activation-quant.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
     return p.parse_args(argv)
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[export] {notes[-1]}", file=sys.stderr)
         report = export_model(run.model, args.out, args.format, run.tokenizer, dtype=args.dtype,
                               allow_rounding=args.allow_rounding, verify_load=args.verify_load,
-                              overwrite=args.overwrite, max_shard_bytes=_size(args.max_shard_size))
+                              overwrite=args.overwrite, max_shard_bytes=_size(args.max_shard_size),
+                              drop_activation_quant=args.drop_activation_quant)
     except ExportRefused as e:
         print(f"refused: {e}", file=sys.stderr)
         return 2

@@ -71,6 +71,21 @@ class Engine(ABC):
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
+    # --- whole trainable tensors, for methods that rewrite them between steps (LoQT) -----------
+    def full_params(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full copies of the named trainable parameters on every rank (collective). This default
+        is for unsharded parameters; sharding engines override it."""
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().clone() for n in names}
+
+    @torch.no_grad()
+    def assign_params(self, values: dict[str, torch.Tensor]) -> None:
+        """Set whole trainable parameters (collective; every rank passes the same full values),
+        wherever the engine keeps them, fp32 optimizer masters included; optimizer state is kept."""
+        params = dict(self.module.named_parameters())
+        for n, v in values.items():
+            params[n].copy_(v)
+
     @torch.no_grad()
     def eval_loss_sum(self, input_ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token loss and number of targets of one batch (for perplexity)."""

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..methods.hooks import group_windows
 from ..train.build import resolve_device
 from ..train.optim import build_scheduler, param_groups
 from .base import Engine, next_token_loss
@@ -126,7 +127,8 @@ class DeepSpeedEngine(Engine):
         optimizer = self._optimizer(model, cfg)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train), dist_init_required=False)
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train, group_windows(cfg.quant)),
+            dist_init_required=False)
         self.zero_stage = cfg.dist.zero_stage
 
     @staticmethod
@@ -170,6 +172,31 @@ class DeepSpeedEngine(Engine):
 
     def _trainable_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.ds.module.named_parameters() if p.requires_grad]
+
+    def full_params(self, names: list[str]) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        params = dict(self.ds.module.named_parameters())
+        wanted = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None, enabled=self.zero_stage == 3):
+            return {n: p.detach().clone() for n, p in zip(names, wanted)}
+
+    @torch.no_grad()
+    def assign_params(self, values: dict[str, torch.Tensor]) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        params = dict(self.ds.module.named_parameters())
+        wanted = [params[n] for n in values]
+        # The working copy (ZeRO-3: gathered, set on rank 0, re-partitioned on exit) ...
+        with deepspeed.zero.GatheredParameters(wanted, modifier_rank=0, enabled=self.zero_stage == 3):
+            if self.zero_stage != 3 or self.env.is_main:
+                for p, v in zip(wanted, values.values()):
+                    p.data.copy_(v)
+        # ... and ZeRO's fp32 master partition, which would otherwise overwrite it at the next step.
+        if self.zero_stage > 0:
+            for p, v in zip(wanted, values.values()):
+                safe_set_full_fp32_param(p, v.to(device=p.device, dtype=torch.float32))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         import deepspeed

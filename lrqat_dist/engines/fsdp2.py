@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from ..methods.hooks import group_windows
 from ..train.build import resolve_device
 from ..train.optim import build_optimizer, build_scheduler
 from .base import Engine, clip_and_norm, decoder_layers, next_token_loss
@@ -55,7 +56,7 @@ class FSDP2Engine(Engine):
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, group_windows(cfg.quant))
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -78,6 +79,22 @@ class FSDP2Engine(Engine):
 
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def full_params(self, names: list[str]) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: (params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n]).detach().clone()
+                for n in names}
+
+    @torch.no_grad()
+    def assign_params(self, values: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        params = dict(self.model.named_parameters())
+        for n, v in values.items():
+            p = params[n]
+            if hasattr(p, "device_mesh"):  # a sharded DTensor: each rank keeps its own shard of v
+                v = distribute_tensor(v.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+            p.copy_(v)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..methods.hooks import group_windows
 from ..train.build import resolve_device
 from ..train.optim import build_optimizer, build_scheduler
 from .base import Engine, clip_and_norm, next_token_loss
@@ -38,7 +39,7 @@ class SingleEngine(Engine):
         super().__init__(model, cfg, env)
         self.model = model.to(env.device)
         self.optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, group_windows(cfg.quant))
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property

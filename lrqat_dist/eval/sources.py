@@ -85,4 +85,7 @@ def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"{p}: no tokenizer files ({e}); pass --tokenizer DIR") from None
     model.requires_grad_(False)
+    act = getattr(model, "act_quant_config", None)  # runs and native exports re-attach it
+    if act is not None:
+        desc += f", activations {act.describe()}"
     return EvalModel(model.to(device).eval(), tok, kind, desc)

@@ -26,6 +26,7 @@ from torch import nn
 from ..methods import FoldedWeight
 from ..model import quantized_layers
 from ..quant.affine import QuantSpec
+from .activations import check_carried, input_activation_args, model_act_config, write_sidecar
 from .exactness import DenseCaster, check_quantized_layers
 from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, dtype_name,
                      parse_dtype, save_config, save_tokenizer, staging_dir, unquantized_linears)
@@ -54,9 +55,10 @@ def quantization_args(spec: QuantSpec):
                             group_size=spec.group_size, dynamic=False)
 
 
-def build_quantization_config(model: nn.Module, specs: dict[str, QuantSpec]):
+def build_quantization_config(model: nn.Module, specs: dict[str, QuantSpec], input_activations=None):
     """One config group per distinct grid. A single grid targets every ``Linear`` (the usual form,
-    what vLLM expects); the linears left in full precision (``lm_head``...) go to ``ignore``."""
+    what vLLM expects); the linears left in full precision (``lm_head``...) go to ``ignore``.
+    ``input_activations`` (QuantizationArgs or None) goes into every group."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
     by_spec: dict[QuantSpec, list[str]] = {}
@@ -64,7 +66,8 @@ def build_quantization_config(model: nn.Module, specs: dict[str, QuantSpec]):
         by_spec.setdefault(spec, []).append(name)
     single = len(by_spec) == 1
     groups = {f"group_{i}": QuantizationScheme(targets=["Linear"] if single else names,
-                                               weights=quantization_args(spec), format="pack-quantized")
+                                               weights=quantization_args(spec), input_activations=input_activations,
+                                               format="pack-quantized")
               for i, (spec, names) in enumerate(by_spec.items())}
     return QuantizationConfig(config_groups=groups, format="pack-quantized",
                               quantization_status=QuantizationStatus.COMPRESSED,
@@ -118,8 +121,13 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
                               dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                               verify_load: bool = False, overwrite: bool = False,
                               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                              drop_activation_quant: bool = False,
                               log: Callable[[str], None] | None = stderr_log) -> ExportReport:
     """Write a prepared (trained) model as a compressed-tensors ``pack-quantized`` HF checkpoint.
+
+    Activation quantization: dynamic per-token int8 inputs of the linears are written as the
+    groups' ``input_activations``; anything else of the model's activation scheme is refused unless
+    ``drop_activation_quant`` (see :mod:`lrqat_dist.export.activations`).
 
     ``dtype`` is the model dtype of the checkpoint (dense tensors and scales); load it with the same
     ``dtype``. After writing, every file is read back: codes and zero-points unpacked with the library
@@ -139,7 +147,10 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
         raise ValueError(f"{FORMAT}: model has no quantized linears; call lrqat_dist.prepare first")
     check_quantized_layers(layers, FORMAT, dtype, integer_zero_point=True, alternative=ALTERNATIVE)
     names = list(layers)
-    qconfig = build_quantization_config(model, {n: layer.spec for n, layer in layers.items()})
+    act_cfg = model_act_config(model)
+    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant, log)
+    qconfig = build_quantization_config(model, {n: layer.spec for n, layer in layers.items()},
+                                        input_activation_args(act_cfg))
     cast = DenseCaster(FORMAT, dtype, allow_rounding)
     report = ExportReport(FORMAT, Path(out_dir), dtype_name(dtype), len(layers))
 
@@ -161,9 +172,12 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
         ModelCompressor(quantization_config=qconfig).update_config(str(stage))
         report.notes.append(save_tokenizer(tokenizer, stage))
         report.notes.append(cast.log.summary(dtype))
+        act_note = write_sidecar(stage, FORMAT, act_cfg, act_lost)
+        if act_note:
+            report.notes.append(act_note)
 
         log(f"[export] verifying {stage}")
-        report.checks.append(_check_config(stage, model, layers))
+        report.checks.append(_check_config(stage, model, layers, input_activation_args(act_cfg)))
         report.checks.append(check_dense(stage, dense, extra_ok=lambda k: k.rpartition(".")[0] in layers))
         report.checks.append(_check_layers(stage, layers, dtype, log))
         if verify_load:
@@ -172,7 +186,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     return report
 
 
-def _check_config(stage: Path, model: nn.Module, layers: dict) -> str:
+def _check_config(stage: Path, model: nn.Module, layers: dict, input_activations=None) -> str:
     """config.json parses with the library and maps every layer to its own grid (and nothing else)."""
     import json
 
@@ -199,6 +213,9 @@ def _check_config(stage: Path, model: nn.Module, layers: dict) -> str:
             got = QuantSpec(w.num_bits, w.symmetric, w.group_size if w.strategy == "group" else None)
             if got != want:
                 checker.fail(f"{name}: config says {got}, model has {want}")
+            if qc.config_groups[hits[0]].input_activations != input_activations:
+                checker.fail(f"{name}: input_activations {qc.config_groups[hits[0]].input_activations} "
+                             f"!= {input_activations}")
     return checker.finish(f"config.json: quantization_config parses with compressed_tensors and maps "
                           f"{len(layers)} layers to their grids, {len(linears) - len(layers)} linears ignored")
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..train.checkpoint import TRAINABLE_FILE, read_meta
+from ..train.checkpoint import TRAINABLE_FILE, TRAINED_BUFFERS_FILE, read_meta
 from .run import checkpoint_config
 from .verify import same_bits, stderr_log
 
@@ -154,6 +154,12 @@ def consolidate(checkpoint: str | Path, out_file: str | Path, *, zero_points: st
         mode = "skip" if symmetric else ("payload" if meta["engine"] == "deepspeed" else "rebuild")
     if mode == "payload" and meta["engine"] != "deepspeed":
         raise ValueError(f"zero_points='payload': the {meta['engine']} payload holds no buffers; use 'rebuild'")
+    if (ckpt / TRAINED_BUFFERS_FILE).is_file():  # LoQT: merges rewrote the zero-points; load_run reads that file
+        if mode == "rebuild":
+            raise ValueError(f"zero_points='rebuild': {ckpt} holds {TRAINED_BUFFERS_FILE} (buffers rewritten by "
+                             "training, zero-points included); the base model cannot rebuild them, use 'auto'")
+        if mode == "auto" or mode == "skip":
+            mode, report.zero_points = "skip", f"in {TRAINED_BUFFERS_FILE} (read by load_run)"
     if mode != "skip":
         zps = (deepspeed_zero_points(ckpt / meta.get("payload", "deepspeed"), meta.get("deepspeed_tag"))
                if mode == "payload" else rebuilt_zero_points(ckpt, log))

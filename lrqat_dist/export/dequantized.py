@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..model import quantized_layers
+from .activations import check_carried, model_act_config, write_sidecar
 from .exactness import DENSE_ALTERNATIVE, DenseCaster
 from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, dense_state_dict, dtype_name, parse_dtype, save_config,
                      save_tokenizer, staging_dir)
@@ -27,12 +28,13 @@ ALTERNATIVE = ("Alternatives: dtype float32 (exact), or format 'compressed-tenso
 def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
                        dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                        verify_load: bool = False, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False,
                        log: Callable[[str], None] | None = stderr_log) -> ExportReport:
     """Write a prepared (trained) model as a plain HF checkpoint in ``dtype`` (see the module docstring).
 
     The prepared model is not modified. Every tensor is read back and compared bit for bit;
-    ``verify_load`` also loads it with ``transformers.AutoModelForCausalLM``.
+    ``verify_load`` also loads it with ``transformers.AutoModelForCausalLM``. A plain HF checkpoint
+    carries no activation quantization: a model with some is refused unless ``drop_activation_quant``.
     """
     t0 = time.time()
     log = log or (lambda msg: None)
@@ -41,6 +43,8 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
     if not layers:
         raise ValueError(f"{FORMAT}: model has no quantized linears; call lrqat_dist.prepare first")
     names = list(layers)
+    act_cfg = model_act_config(model)
+    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant, log)
     cast = DenseCaster(FORMAT, dtype, allow_rounding, ALTERNATIVE)
     report = ExportReport(FORMAT, Path(out_dir), dtype_name(dtype), len(layers))
 
@@ -59,6 +63,9 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
             progress(log, "dequantized", i, len(layers))
         writer.close()
         save_config(model, stage, dtype)
+        act_note = write_sidecar(stage, FORMAT, act_cfg, act_lost)
+        if act_note:
+            report.notes.append(act_note)
         report.notes.append(save_tokenizer(tokenizer, stage))
         report.notes.append(cast.log.summary(dtype))
 

@@ -32,11 +32,21 @@ def _refuse(fmt: str, problems: list[str], alternative: str) -> None:
     raise ExportRefused(f"{fmt}: cannot store this model exactly:\n  - {listed}{more}\n{alternative}")
 
 
+OFFSET_ALTERNATIVE = ("Use format 'native' (stores DL-QAT's float offset m*b in fp32, exactly) or 'dequantized' "
+                      "(dense weights (m*s) q + m*b); changing the offset to an integer zero-point would change "
+                      "the model's values.")
+
+
 def check_quantized_layers(layers: dict[str, QuantLinear], fmt: str, scale_dtype: torch.dtype,
-                           integer_zero_point: bool, alternative: str) -> None:
-    """Refuse non-finite scales, scales that ``scale_dtype`` would round, and (when the format needs
-    them) zero-points that are not integers on the layer's grid."""
+                           integer_zero_point: bool, alternative: str, float_offset: bool = False) -> None:
+    """Refuse non-finite scales, scales that ``scale_dtype`` would round, (when the format needs
+    them) zero-points that are not integers on the layer's grid, and float offsets (DL-QAT) unless
+    the format stores them (``float_offset``)."""
     problems = []
+    offsets = [n for n, layer in layers.items() if layer.offset_tensor() is not None]
+    if offsets and not float_offset:
+        _refuse(fmt, [f"{n}: float offset m*b (DL-QAT) has no integer zero-point form" for n in offsets],
+                OFFSET_ALTERNATIVE)
     for name, layer in layers.items():
         s = layer.scale_tensor().detach().float()
         if not bool(torch.isfinite(s).all()):

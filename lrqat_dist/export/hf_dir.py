@@ -122,7 +122,10 @@ def dense_state_dict(model: nn.Module, quantized: list[str]) -> dict[str, torch.
     keyed as the HF checkpoint expects (the name transformers keeps for a tied weight)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    prefixes = tuple(f"{n}." for n in quantized)
+    from ..model.activations import activation_state_prefixes
+
+    # Activation quantizers' state (static ranges) is no HF weight: formats that carry it store it apart.
+    prefixes = tuple(f"{n}." for n in quantized) + activation_state_prefixes(model)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     return remove_tied_weights_from_state_dict(sd, model)
 

@@ -8,8 +8,11 @@ Directory layout::
                                codes by lrqat_dist.quant.packing, low bits first; 5- to 8-bit: one
                                code per byte), stored unsigned as q - qmin
                                P.scale  fp32 [out, n_groups];  P.zero_point  int32 (asymmetric only)
+                               P.offset  fp32 [out, n_groups] (DL-QAT's float offset m*b only)
     lrqat_native.json          format version, export dtype, and per layer: bits, group_size,
-                               symmetric, shape, storage ("packed" | "uint8")
+                               symmetric, shape, storage ("packed" | "uint8"); the activation
+                               quantization (ActQuantConfig) and the linears whose inputs it covers
+    activations.safetensors    static activation ranges (<quantizer>.scale, .zero_point), if any
 
 Scales stay fp32 whatever the export dtype, so any trained model is stored exactly;
 :func:`read_native` returns the :class:`~lrqat_dist.FoldedWeight` s bit for bit and
@@ -25,12 +28,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..methods import FoldedWeight
 from ..model import quantized_layers
+from ..model.activations import INPUT_QUANTIZER
 from ..quant.affine import QuantSpec
 from ..quant.packing import codes_per_byte, pack_codes, unpack_codes
+from .activations import load_static_ranges, model_act_config, static_ranges, write_sidecar
 from .exactness import DenseCaster, check_quantized_layers
 from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, dtype_name,
                      parse_dtype, save_config, save_tokenizer, staging_dir)
@@ -41,6 +47,7 @@ FORMAT_ID = "lrqat_dist-native"
 VERSION = 1
 META_FILE = "lrqat_native.json"
 QUANT_BASENAME = "quantized"
+ACT_FILE = "activations.safetensors"
 ALTERNATIVE = "Alternative: format 'dequantized' (dense weights s * (q - z) in fp32)."
 
 def _storage(spec: QuantSpec, in_features: int) -> str:
@@ -66,9 +73,12 @@ def decode_codes(stored: torch.Tensor, spec: QuantSpec, storage: str) -> torch.T
 def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
                   dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                   verify_load: bool = False, overwrite: bool = False,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False,
                   log: Callable[[str], None] | None = stderr_log) -> ExportReport:
     """Write a prepared (trained) model in the ``native`` format (see the module docstring).
+
+    The format carries activation quantization completely (``drop_activation_quant`` is accepted
+    for a uniform signature and has nothing to drop).
 
     ``dtype`` applies to the dense tensors only; codes, fp32 scales and zero-points are stored as
     :func:`lrqat_dist.fold` gives them. The files are read back and compared bit for bit with
@@ -80,13 +90,18 @@ def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"{FORMAT}: model has no quantized linears; call lrqat_dist.prepare first")
-    check_quantized_layers(layers, FORMAT, torch.float32, integer_zero_point=True, alternative=ALTERNATIVE)
+    check_quantized_layers(layers, FORMAT, torch.float32, integer_zero_point=True, alternative=ALTERNATIVE,
+                           float_offset=True)
     names = list(layers)
     cast = DenseCaster(FORMAT, dtype, allow_rounding)
     report = ExportReport(FORMAT, Path(out_dir), dtype_name(dtype), len(layers))
     qat = getattr(model, "qat_config", None)
     meta = {"format": FORMAT_ID, "version": VERSION, "dtype": dtype_name(dtype),
             "qat_config": asdict(qat) if is_dataclass(qat) else None, "layers": {}}
+    act_cfg = model_act_config(model)
+    act_state = static_ranges(model) if act_cfg is not None else {}
+    meta["activations"] = None if act_cfg is None else asdict(act_cfg)
+    meta["activation_inputs"] = [n for n, m in model.named_modules() if hasattr(m, INPUT_QUANTIZER)]
 
     with staging_dir(out_dir, overwrite) as stage:
         dense = {k: cast(k, v) for k, v in dense_state_dict(model, names).items()}
@@ -98,10 +113,13 @@ def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
             quant.add(f"{name}.scale", fw.scale)
             if fw.zero_point is not None:
                 quant.add(f"{name}.zero_point", fw.zero_point)
+            if fw.offset is not None:
+                quant.add(f"{name}.offset", fw.offset)
             if fw.bias is not None:
                 dense[f"{name}.bias"] = cast(f"{name}.bias", fw.bias)
             meta["layers"][name] = {"bits": fw.bits, "group_size": fw.group_size, "symmetric": fw.symmetric,
-                                    "shape": list(fw.codes.shape), "storage": storage}
+                                    "shape": list(fw.codes.shape), "storage": storage,
+                                    "offset": fw.offset is not None}
             progress(log, "encoded", i, len(layers))
         quant.close()
         writer = ShardWriter(stage, "model", max_shard_bytes)
@@ -110,6 +128,11 @@ def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
         writer.close()
         (stage / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_config(model, stage, dtype)
+        if act_state:
+            save_file(act_state, str(stage / ACT_FILE))
+        act_note = write_sidecar(stage, FORMAT, act_cfg, [])
+        if act_note:
+            report.notes.append(act_note)
         report.notes.append(save_tokenizer(tokenizer, stage))
         report.notes.append(cast.log.summary(dtype))
 
@@ -142,6 +165,10 @@ def _check_layers(stage: Path, layers: dict) -> str:
                 checker.tensor(f"{name} zero-point", got.zero_point, want.zero_point)
         if got.spec != want.spec:
             checker.fail(f"{name}: grid on disk {got.spec} != model {want.spec}")
+        if (want.offset is None) != (got.offset is None):
+            checker.fail(f"{name}: float offset present on one side only")
+        elif want.offset is not None:
+            checker.tensor(f"{name} offset", got.offset, want.offset)
         checker.tensor(f"{name} dequantized", got.dequantize(), want.dequantize())
     return checker.finish(f"{len(layers)} layers read back: codes, fp32 scales, zero-points and "
                           f"dequantize() identical to fold()")
@@ -170,8 +197,9 @@ def read_native(path: str | Path) -> dict[str, FoldedWeight]:
         if list(codes.shape) != info["shape"]:
             raise ValueError(f"{path}: {name} codes have shape {list(codes.shape)}, metadata says {info['shape']}")
         zp = None if spec.symmetric else files.get(f"{name}.zero_point")
+        offset = files.get(f"{name}.offset") if info.get("offset") else None
         out[name] = FoldedWeight(codes=codes, scale=files.get(f"{name}.scale"), zero_point=zp, bits=spec.bits,
-                                 group_size=spec.group_size)
+                                 group_size=spec.group_size, offset=offset)
     return out
 
 
@@ -192,7 +220,8 @@ def _quiet_transformers():
 @torch.no_grad()
 def load_native(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
     """Load a native export as a runnable HF model (CPU) whose quantized linears are plain
-    ``nn.Linear`` s holding ``FoldedWeight.dequantize()`` cast to ``dtype`` (default: the export dtype)."""
+    ``nn.Linear`` s holding ``FoldedWeight.dequantize()`` cast to ``dtype`` (default: the export dtype),
+    with the export's activation quantizers attached (lrqat_dist.model.activations)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -212,4 +241,11 @@ def load_native(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != tuple(fw.codes.shape):
             raise ValueError(f"{path}: {name} is not an nn.Linear of shape {tuple(fw.codes.shape)} in the model")
         linear.weight.copy_(fw.dequantize().to(dtype))
+    if meta.get("activations"):  # re-attach the activation quantization the model was trained with
+        from ..methods.act_config import ActQuantConfig
+        from ..model.activations import apply_activation_quant
+
+        apply_activation_quant(model, ActQuantConfig.from_value(meta["activations"]), meta["activation_inputs"])
+        if (path / ACT_FILE).is_file():
+            load_static_ranges(model, load_file(str(path / ACT_FILE)), str(path / ACT_FILE))
     return model.eval()

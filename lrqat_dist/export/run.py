@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..train.build import build_model, build_tokenizer
-from ..train.checkpoint import CHECKPOINTS, CONFIG_FILE, META_FILE, TRAINABLE_FILE, list_checkpoints, read_meta
+from ..model import load_trained_buffers_, trained_buffer_state
+from ..train.checkpoint import (CHECKPOINTS, CONFIG_FILE, META_FILE, TRAINABLE_FILE, TRAINED_BUFFERS_FILE,
+                                list_checkpoints, read_meta)
 from ..train.config import load_config
 from .verify import stderr_log
 
@@ -112,6 +114,8 @@ def load_run(path: str | Path, step: int | None = None, trainable_file: str | Pa
         state, source = load_file(str(ckpt / TRAINABLE_FILE)), TRAINABLE_FILE
     else:
         state, source = payload_trainable(ckpt, meta), f"the {meta['engine']} payload"
+    if trained_buffer_state(model):  # LoQT: merged codes, scales and P live in the checkpoint, not the base model
+        load_trained_buffers_(model, load_file(str(ckpt / TRAINED_BUFFERS_FILE)), str(ckpt / TRAINED_BUFFERS_FILE))
     load_trainable_(model, state, list(meta["trainable"]), source)
     model.eval()
     tok_cache = ckpt.parent.parent / "tokenizer"

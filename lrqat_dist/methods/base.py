@@ -16,7 +16,11 @@ from ..quant.affine import QuantSpec, dequantize
 
 @dataclass
 class FoldedWeight:
-    """An integer weight: ``dequantize() == scale * (codes - zero_point)`` expanded to ``[out, in]``."""
+    """An integer weight: ``dequantize() == scale * (codes - zero_point) (+ offset)`` expanded to ``[out, in]``.
+
+    ``offset`` is a float per-group shift (DL-QAT folds to scale ``m*s`` and offset ``m*b``); it has
+    no integer zero-point form, so formats that only store integer zero-points refuse it.
+    """
 
     codes: torch.Tensor  # int32 [out, in], values in [qmin, qmax]
     scale: torch.Tensor  # fp32 [out, n_groups]
@@ -24,6 +28,7 @@ class FoldedWeight:
     bits: int
     group_size: int | None
     bias: torch.Tensor | None = None
+    offset: torch.Tensor | None = None  # fp32 [out, n_groups], DL-QAT only
 
     @property
     def symmetric(self) -> bool:
@@ -34,7 +39,7 @@ class FoldedWeight:
         return QuantSpec(self.bits, self.symmetric, self.group_size)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero_point)
+        return dequantize(self.codes, self.scale, self.zero_point, self.offset)
 
 
 class _RecomputedLinear(torch.autograd.Function):
@@ -61,9 +66,18 @@ class _RecomputedLinear(torch.autograd.Function):
             w = module.weight_hat()
         grad_x = grad_out @ w.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        wanted = [p for p, n in zip(module.trainable_tensors(), need) if n]
+        if module.weight_grad_sink is not None:  # LoQT's gradient probe: dL/dW, summed over micro-batches
+            module.weight_grad_sink.add_(grad_w.float())
+        params, mask = module.trainable_tensors(), module.gradient_mask()
+        # A masked tensor gets an exact zero gradient (not None): every engine then reduces and steps
+        # the same set of tensors, whatever the phase (see DL-QAT).
+        need = [n and (mask is None or m) for n, m in zip(need, mask or need)]
+        wanted = [p for p, n in zip(params, need) if n]
         grads = iter(torch.autograd.grad(w, wanted, grad_w.to(w.dtype), allow_unused=True) if wanted else ())
-        return (grad_x, None, *[next(grads) if n else None for n in need])
+        out = [next(grads) if n else None for n in need]
+        out = [torch.zeros_like(p) if g is None and p.requires_grad and ctx.needs_input_grad[2 + i] else g
+               for i, (p, g) in enumerate(zip(params, out))]
+        return (grad_x, None, *out)
 
 
 class QuantLinear(nn.Module):
@@ -71,7 +85,12 @@ class QuantLinear(nn.Module):
 
     Buffers hold everything frozen (stored weight, zero-point, bias); the only ``nn.Parameter`` s are
     what the method trains, always fp32 (masters), whatever the compute dtype of the input.
+    ``trained_buffers`` names the buffers a method rewrites during training (LoQT's merges); they are
+    checkpointed and exported with the trainable tensors instead of being rebuilt from the base model.
     """
+
+    trained_buffers: tuple[str, ...] = ()
+    weight_grad_sink: torch.Tensor | None = None  # when set, backward adds dL/dW [out, in] (fp32) to it
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: torch.Tensor | None, name: str):
         super().__init__()
@@ -91,6 +110,15 @@ class QuantLinear(nn.Module):
         """The tensors :meth:`weight_hat` reads that may need gradients."""
         return list(self.parameters(recurse=False))
 
+    def gradient_mask(self) -> list[bool] | None:
+        """Per :meth:`trainable_tensors` entry, whether it gets its gradient now (False: exact zero).
+        None = all; DL-QAT uses it for its two training phases."""
+        return None
+
+    def offset_tensor(self) -> torch.Tensor | None:
+        """Float per-group offset added after scaling (DL-QAT); None for integer grids."""
+        return None
+
     # --- shared -------------------------------------------------------------------------------
     @property
     def zero_point_tensor(self) -> torch.Tensor | None:
@@ -101,7 +129,7 @@ class QuantLinear(nn.Module):
 
     def weight_hat(self) -> torch.Tensor:
         """The training-time fp32 weight ``s * (q - z)``."""
-        return dequantize(self.codes(), self.scale_tensor(), self.zero_point_tensor)
+        return dequantize(self.codes(), self.scale_tensor(), self.zero_point_tensor, self.offset_tensor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self.trainable_tensors()
@@ -113,7 +141,7 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def fold(self) -> FoldedWeight:
         """The integer checkpoint of this layer; ``fold().dequantize()`` equals :meth:`weight_hat` bitwise."""
-        zp = self.zero_point_tensor
+        zp, offset = self.zero_point_tensor, self.offset_tensor()
         return FoldedWeight(
             codes=self.codes().to(torch.int32),
             scale=self.scale_tensor().detach().float().clone(),
@@ -121,6 +149,7 @@ class QuantLinear(nn.Module):
             bits=self.spec.bits,
             group_size=self.spec.group_size,
             bias=None if self.bias is None else self.bias.clone(),
+            offset=None if offset is None else offset.detach().float().clone(),
         )
 
     def extra_repr(self) -> str:

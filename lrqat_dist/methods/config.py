@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from ..quant.affine import QuantSpec
 from ..quant.downcast import get_downcast
 from ..quant.range_init import RANGE_INITS
+from .act_config import ActQuantConfig
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHOD_NAMES = ("lrqat", "rtn", "peqa", "full_qat")
+METHOD_NAMES = ("lrqat", "rtn", "peqa", "full_qat", "dlqat", "loqt")
 ADAPTER_INITS = ("lora", "svd")
 
 
@@ -17,7 +18,8 @@ class QATConfig:
     """Quantization-aware training settings.
 
     method:      ``lrqat`` (low-rank adapters inside the rounding), ``rtn`` (no training),
-                 ``peqa`` (codes frozen, scales trained), ``full_qat`` (LSQ: weights and scales trained).
+                 ``peqa`` (codes frozen, scales trained), ``full_qat`` (LSQ: weights and scales trained),
+                 ``dlqat`` (DL-QAT, docs/dlqat.md), ``loqt`` (LoQT, docs/loqt.md).
     bits:        weight bits, 2..8.
     group_size:  groups along the input dimension; None = one scale per output channel.
     symmetric:   signed grid without zero-point, else unsigned grid with an integer zero-point.
@@ -27,6 +29,15 @@ class QATConfig:
     init:        adapter init: ``lora`` (B = 0, so step 0 is RTN) or ``svd`` (LoftQ-like, integer domain).
     train_scale: train s (LR-QAT, full QAT); PEQA always trains it, RTN never.
     targets:     names (last path component) of the nn.Linear modules to quantize.
+    train_unquantized: also train what prepare would freeze (embeddings, norms, lm_head), at train.lr;
+                 needed to pretrain from random init (LoQT's pretraining setting).
+    dlqat_phase1_steps: DL-QAT: optimizer steps that train only s and b; then s, b freeze and m, A, B train.
+    loqt_scale:  LoQT's s in W = Q(W) + s P @ B.
+    loqt_tau, loqt_psi: LoQT's merge schedule u_{i+1} = u_i + tau + floor(psi^i), u_0 = 1.
+    loqt_error_comp: LoQT error-compensation iterations at each merge (0: B re-initialised to zero).
+    loqt_final_merge: LoQT: merge B into the quantized weights after the last step (fold is then exact).
+    activations: activation / KV-cache quantization (:class:`ActQuantConfig`, a preset name such as
+                 ``a8``, ``a8kv4``, ``a4kv4``, or a mapping); None = weight-only.
     """
 
     method: str = "lrqat"
@@ -42,6 +53,14 @@ class QATConfig:
     init: str = "lora"
     train_scale: bool = True
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    train_unquantized: bool = False
+    dlqat_phase1_steps: int = 1000
+    loqt_scale: float = 0.25
+    loqt_tau: int = 100
+    loqt_psi: float = 1.2
+    loqt_error_comp: int = 0
+    loqt_final_merge: bool = True
+    activations: ActQuantConfig | str | dict | None = None
 
     def __post_init__(self):
         if self.method not in METHOD_NAMES:
@@ -60,6 +79,19 @@ class QATConfig:
             raise ValueError(f"init: unknown {self.init!r}; expected one of {', '.join(ADAPTER_INITS)}")
         if not self.targets:
             raise ValueError("targets: empty; name at least one linear (e.g. q_proj)")
+        if not isinstance(self.dlqat_phase1_steps, int) or self.dlqat_phase1_steps < 0:
+            raise ValueError(f"dlqat_phase1_steps: expected an int >= 0, got {self.dlqat_phase1_steps!r}")
+        if self.method == "dlqat" and not self.symmetric:
+            raise ValueError("symmetric: dlqat always uses the signed grid with a float offset b; set symmetric: true")
+        if self.loqt_scale <= 0:
+            raise ValueError(f"loqt_scale: expected > 0, got {self.loqt_scale!r}")
+        if not isinstance(self.loqt_tau, int) or self.loqt_tau < 1:
+            raise ValueError(f"loqt_tau: expected an int >= 1, got {self.loqt_tau!r}")
+        if self.loqt_psi < 1:
+            raise ValueError(f"loqt_psi: expected >= 1 (intervals must not shrink), got {self.loqt_psi!r}")
+        if not isinstance(self.loqt_error_comp, int) or self.loqt_error_comp < 0:
+            raise ValueError(f"loqt_error_comp: expected an int >= 0, got {self.loqt_error_comp!r}")
+        self.activations = ActQuantConfig.from_value(self.activations)
 
     @property
     def spec(self) -> QuantSpec:

@@ -63,27 +63,39 @@ def grouped(w: torch.Tensor, n_groups: int) -> torch.Tensor:
     return w.reshape(out, n_groups, inp // n_groups)
 
 
-def to_codes_domain(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
-    """``w / s (+ z)`` per group, no rounding: the real-valued position of ``w`` on the grid."""
-    x = grouped(w, scale.shape[1]) / scale.unsqueeze(-1)
+def to_codes_domain(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``(w - o) / s (+ z)`` per group, no rounding: the real-valued position of ``w`` on the grid.
+
+    ``offset`` is a float per-group shift (DL-QAT's ``b``); integer grids leave it None."""
+    g = grouped(w, scale.shape[1])
+    if offset is not None:
+        g = g - offset.unsqueeze(-1)
+    x = g / scale.unsqueeze(-1)
     if zero_point is not None:
         x = x + zero_point.unsqueeze(-1).to(x.dtype)
     return x.reshape(w.shape)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
-    """``s * (q - z)`` expanded to the weight shape; ``codes`` may be float-valued integers (training,
-    with STE gradients) or an integer tensor (folded). Both give identical fp32 bits."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``s * (q - z) (+ o)`` expanded to the weight shape; ``codes`` may be float-valued integers
+    (training, with STE gradients) or an integer tensor (folded). Both give identical fp32 bits.
+
+    ``offset`` (per group, float) is DL-QAT's folded ``m * b``; None for integer zero-point grids."""
     q = grouped(codes.to(scale.dtype), scale.shape[1])
     if zero_point is not None:
         q = q - zero_point.unsqueeze(-1).to(scale.dtype)
-    return (q * scale.unsqueeze(-1)).reshape(codes.shape)
+    w = q * scale.unsqueeze(-1)
+    if offset is not None:
+        w = w + offset.unsqueeze(-1)
+    return w.reshape(codes.shape)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec,
-             ste: bool = False) -> torch.Tensor:
-    """Integer codes ``clip(round(w / s + z))`` as a float tensor (STE rounding when ``ste``)."""
-    x = to_codes_domain(w, scale, zero_point)
+             ste: bool = False, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes ``clip(round((w - o) / s + z))`` as a float tensor (STE rounding when ``ste``)."""
+    x = to_codes_domain(w, scale, zero_point, offset)
     return clamp_codes(round_ste(x) if ste else torch.round(x), spec)
 
 

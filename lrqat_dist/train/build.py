@@ -91,12 +91,29 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch
     frozen buffers do not depend on the compute ``dtype``; afterwards the remaining frozen float
     parameters (embeddings, norms, lm_head) are cast to ``dtype`` (default: ``train.dtype`` resolved
     for ``device``). Every rank must call this with the same config: buffers are not broadcast.
+    A local safetensors directory is built one weight at a time (``lrqat_dist.memory.lean_load``, same
+    result bit for bit): the whole float model is never on the device, nor on the host beside the result.
     """
     device = torch.device(device)
     dtype = dtype or resolve_dtype(cfg.train, device)
+    act = cfg.quant.activations
+    if act is not None and act.mode == "static":
+        # Static ranges need data (calibrate_activations) before the first step and a place in the
+        # checkpoint; the trainer does neither yet, so refuse instead of training on default ranges.
+        raise ValueError("quant.activations.mode: 'static' is supported by the Python API only "
+                         "(prepare, lrqat_dist.model.activations.calibrate_activations, your loop); the "
+                         "trainer runs mode 'dynamic'")
     m = cfg.model
     if m.path is not None:
         path = resolve_path(m.path)
+        from ..memory.lean_load import LeanLoadUnsupported, lean_build, lean_loadable
+
+        if lean_loadable(path):  # one base weight at a time, never the whole float model on the device
+            try:
+                return lean_build(cfg.quant, path=path, device=device, dtype=dtype, init_seed=m.init_seed,
+                                  attn_implementation=m.attn_implementation)
+            except LeanLoadUnsupported as e:
+                logger.warning("lean loading not possible (%s); loading the whole model first", e)
         model = load_causal_lm(path=path, dtype="auto", attn_implementation=m.attn_implementation)
     else:
         model = load_causal_lm(config=m.config, dtype=torch.float32, seed=m.init_seed,

@@ -7,6 +7,8 @@
         config.yaml             resolved config the checkpoint was trained with
         trainable.safetensors   full fp32 trainable tensors (A, B, s ...) keyed by model parameter names,
                                 for every engine: the one file export needs besides the base model
+        trained_buffers.safetensors  only for methods that rewrite buffers (LoQT's merged codes, scales,
+                                P): identical on every rank, written by rank 0, read by resume and export
         rank_<r:05d>.pt         per rank: data-stream state, RNG states
         <engine payload>        none: train_state.pt (optimizer, scheduler); deepspeed: deepspeed/
                                 (DeepSpeed save_checkpoint layout); fsdp2: dcp/ (torch.distributed.checkpoint)
@@ -31,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..engines import DistEnv, Engine
+from ..model import load_trained_buffers_, trained_buffer_state
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ CHECKPOINTS = "checkpoints"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 TRAINABLE_FILE = "trainable.safetensors"
+TRAINED_BUFFERS_FILE = "trained_buffers.safetensors"
 FORMAT = 1
 _PREFIX, _TMP_PREFIX = "step_", ".tmp_step_"
 
@@ -151,6 +155,9 @@ class Checkpointer:
         trainable = engine.trainable_state()
         if self.env.is_main:
             save_file(trainable, str(tmp / TRAINABLE_FILE))
+            buffers = trained_buffer_state(engine.module)
+            if buffers:
+                save_file(buffers, str(tmp / TRAINED_BUFFERS_FILE))
         self.env.barrier()  # every rank's files are written
         if self.env.is_main:
             (tmp / CONFIG_FILE).write_text(self.config_text)
@@ -199,6 +206,8 @@ class Checkpointer:
         if list(meta["trainable"]) != list(engine.trainable_names):
             raise ValueError(f"{path}: its trainable parameters differ from this model's (model/quant changed?)")
         engine.load(path)
+        if trained_buffer_state(engine.module):
+            load_trained_buffers_(engine.module, load_file(str(path / TRAINED_BUFFERS_FILE)), str(path))
         rank_state = torch.load(path / rank_file(self.env.rank), map_location="cpu", weights_only=False)
         self._verify(path, engine)
         logger.info("resumed from %s (step %d)", path, meta["step"])

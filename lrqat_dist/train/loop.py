@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data import build_train_loader, build_val_loader
 from ..engines import DistEnv, Engine, get_engine
+from ..methods.hooks import training_hooks
 from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing, resolve_dtype
 from .checkpoint import CONFIG_FILE, Checkpointer, capture_rng, list_checkpoints, resolve_resume, restore_rng
 from .config import JobConfig, dump_config, parse_yaml
@@ -111,6 +112,8 @@ class Trainer:
             enable_activation_checkpointing(model)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
         self.engine: Engine = engine_cls(model, cfg, env)
+        # The method's between-step work (DL-QAT phase switch, LoQT merges), on every rank.
+        self.hooks = training_hooks(model, cfg.quant, cfg.train.max_steps)
         self.train_loader = builders.train_loader(cfg, self.tokenizer, env)
         self.val_loader = builders.val_loader(cfg, self.tokenizer, env)
         self.checkpointer = Checkpointer(self.output_dir, env, cfg.train.keep_last, self.config_text)
@@ -187,7 +190,11 @@ class Trainer:
                 window = _Window()
                 while step < cfg.train.max_steps:
                     step += 1
+                    if self.hooks is not None:
+                        self.hooks.before_step(step, self.engine)
                     grad_norm, lrs = self._train_step(batches, window)
+                    if self.hooks is not None:
+                        self.hooks.after_step(step, self.engine)
                     if on_step is not None:
                         on_step(step)
                     preempted = env.any(guard.requested is not None)

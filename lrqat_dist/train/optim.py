@@ -1,7 +1,9 @@
 """AdamW parameter groups and the learning-rate schedule of the LR-QAT recipe.
 
-Two groups: everything trainable at ``train.lr`` (LR-QAT's A and B; full QAT's weight too) and the
-quantization scales (parameters named ``*.scale``) at ``train.scale_lr``. The schedule is a factor
+Two groups: everything trainable at ``train.lr`` (LR-QAT's A and B; full QAT's weight; DL-QAT's
+magnitude m; LoQT's B) and the quantization ranges (parameters named ``*.scale``, and DL-QAT's float
+``*.offset``) at ``train.scale_lr``. A method may switch a group off for a window of steps (DL-QAT's
+phases, :func:`lrqat_dist.methods.hooks.group_windows`): the group's factor is then 0. The schedule is a factor
 of each group's own lr: linear warmup over ``warmup_ratio * max_steps`` steps, then linear or cosine
 decay to ``min_lr_ratio`` at ``max_steps`` (or constant).
 """
@@ -16,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .config import TrainConfig
 
-SCALE_SUFFIX = ".scale"
+SCALE_SUFFIXES = (".scale", ".offset")
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -24,7 +26,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     main, scales = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (scales if name.endswith(SCALE_SUFFIX) or name == "scale" else main).append(p)
+            (scales if name.endswith(SCALE_SUFFIXES) or name in ("scale", "offset") else main).append(p)
     if not main and not scales:
         raise ValueError("quant.method: the prepared model has no trainable parameters (rtn trains nothing)")
     groups = [
@@ -63,6 +65,17 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
-    """LambdaLR applying :func:`lr_factor` to every group (stepped once per optimizer step)."""
-    return LambdaLR(optimizer, lr_factor(cfg))
+def windowed(factor: Callable[[int], float], window: tuple[int, int | None] | None) -> Callable[[int], float]:
+    """``factor`` inside ``[start, end)`` (0-based optimizer steps), 0 outside; ``window=None``: always on."""
+    if window is None:
+        return factor
+    start, end = window
+    return lambda step: factor(step) if start <= step and (end is None or step < end) else 0.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    windows: dict[str, tuple[int, int | None]] | None = None) -> LambdaLR:
+    """LambdaLR applying :func:`lr_factor` to every group (stepped once per optimizer step), gated per
+    group name by ``windows`` (see :func:`lrqat_dist.methods.hooks.group_windows`)."""
+    base, windows = lr_factor(cfg), windows or {}
+    return LambdaLR(optimizer, [windowed(base, windows.get(g.get("name"))) for g in optimizer.param_groups])

@@ -1,0 +1,106 @@
+"""ActQuantConfig: which activations are fake-quantized, at how many bits (``quant.activations``).
+
+YAML accepts a preset name or a mapping (a mapping may start from a preset and override fields)::
+
+    quant: {activations: a8kv4}
+    quant: {activations: {preset: a4kv4, kv_granularity: head}}
+    quant: {activations: {bits: 8, kv_bits: 8, query_bits: 8}}      # the paper's W4-A8-KV8
+
+See docs/activation-quant.md for what each placement quantizes and what each export format carries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..quant.activation import ACT_BITS
+
+ACT_MODES = ("dynamic", "static")
+STATIC_RANGES = ("learned", "calibrated")
+KV_GRANULARITIES = ("token", "head")
+
+# name -> field values. a8 touches only the linears' inputs (exactly what compressed-tensors and vLLM
+# run as dynamic per-token int8); the kv presets also quantize keys / values (the KV cache) and the
+# queries, after RoPE, as in LR-QAT Table 5 (following LLM-QAT / OmniQuant).
+PRESETS: dict[str, dict[str, Any]] = {
+    "a8": {"bits": 8, "kv_bits": None, "query_bits": None},
+    "a8kv8": {"bits": 8, "kv_bits": 8, "query_bits": 8},
+    "a8kv4": {"bits": 8, "kv_bits": 4, "query_bits": 8},
+    "a4kv4": {"bits": 4, "kv_bits": 4, "query_bits": 4},
+}
+
+
+@dataclass
+class ActQuantConfig:
+    """Activation quantization placement and grids.
+
+    preset:         optional starting point (``a8``, ``a8kv8``, ``a8kv4``, ``a4kv4``); the other keys
+                    given next to it override the preset's values.
+    bits:           inputs of every quantized linear (q/k/v/o/gate/up/down, i.e. also those after
+                    the norms); null = leave them in full precision.
+    kv_bits:        keys after RoPE and values, as the attention (and a KV cache) sees them; null = off.
+    query_bits:     queries after RoPE (the other operand of Q K^T); null = off.
+    mode:           ``dynamic`` (per-token min-max at run time, nothing learned; the paper's setting)
+                    or ``static`` (one calibrated range per tensor; needs calibrate_activations).
+    static_range:   ``learned`` (fp32 scale trained with LSQ's gradient, in the scale lr group) or
+                    ``calibrated`` (frozen); static mode only.
+    kv_granularity: dynamic keys / queries / values: one range per ``token`` over all heads (a cache
+                    row) or per token and ``head``.
+    """
+
+    preset: str | None = None
+    bits: int | None = 8
+    kv_bits: int | None = None
+    query_bits: int | None = None
+    mode: str = "dynamic"
+    static_range: str = "learned"
+    kv_granularity: str = "token"
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        for key in ("bits", "kv_bits", "query_bits"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or value not in ACT_BITS):
+                raise ValueError(f"{key}: expected one of {ACT_BITS} or null, got {value!r}")
+        if self.mode not in ACT_MODES:
+            raise ValueError(f"mode: unknown {self.mode!r}; expected one of {', '.join(ACT_MODES)}")
+        if self.static_range not in STATIC_RANGES:
+            raise ValueError(f"static_range: unknown {self.static_range!r}; expected one of {', '.join(STATIC_RANGES)}")
+        if self.kv_granularity not in KV_GRANULARITIES:
+            raise ValueError(f"kv_granularity: unknown {self.kv_granularity!r}; expected one of "
+                             f"{', '.join(KV_GRANULARITIES)}")
+        if self.bits is None and self.kv_bits is None and self.query_bits is None:
+            raise ValueError("bits: bits, kv_bits and query_bits are all null; drop quant.activations instead")
+
+    @classmethod
+    def from_value(cls, value: "ActQuantConfig | str | dict | None", section: str = "activations"
+                   ) -> "ActQuantConfig | None":
+        """Normalise what a config holds: a preset name, a mapping (optionally with ``preset``), or None."""
+        from ..typed_config import from_dict
+
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise ValueError(f"{section}: unknown preset {value!r}; expected one of {', '.join(PRESETS)} "
+                                 f"or a mapping")
+            return cls(preset=value, **PRESETS[value])
+        if isinstance(value, dict):
+            preset = value.get("preset")
+            merged = {**PRESETS.get(preset, {}), **value} if isinstance(preset, str) else dict(value)
+            return from_dict(cls, merged, section)
+        raise ValueError(f"{section}: expected a preset name ({', '.join(PRESETS)}) or a mapping, "
+                         f"got {type(value).__name__}")
+
+    def describe(self) -> str:
+        parts = [f"A{self.bits}" if self.bits else "A16"]
+        if self.kv_bits:
+            parts.append(f"KV{self.kv_bits}")
+        if self.query_bits:
+            parts.append(f"Q{self.query_bits}")
+        how = "dynamic per-token" if self.mode == "dynamic" else f"static per-tensor ({self.static_range})"
+        return f"{'-'.join(parts)} {how} asymmetric"
+
+
+ACT_FIELDS = tuple(f.name for f in fields(ActQuantConfig))

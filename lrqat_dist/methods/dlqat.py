@@ -1,0 +1,99 @@
+"""DL-QAT (Ke et al., 2025): weight-decomposed low-rank QAT with a per-group magnitude.
+
+    W_q = m * (s * clip(round((W0 + (alpha/r) B @ A - b) / s), -2^(n-1), 2^(n-1)-1) + b)
+
+``m`` (magnitude, init 1), ``s`` (scale) and ``b`` (float offset) are per group ``[out, n_groups]``;
+the frozen ``W0`` is a buffer. Training has two phases (the trainer switches them, see
+:mod:`lrqat_dist.methods.hooks`): phase 1 trains only ``s`` and ``b``; phase 2 freezes them and trains
+``m``, ``A`` and ``B``. The weight is computed in its folded form, ``(m*s) * q + (m*b)``, so that
+``fold()`` (integer codes ``q``, scale ``m*s``, float offset ``m*b``) is bit-identical to training.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.affine import QuantSpec, clamp_codes, grouped, round_ste, to_codes_domain
+from ..quant.range_init import MIN_SCALE, init_range
+from .base import QuantLinear
+from .config import QATConfig
+
+PHASE1, PHASE2 = 1, 2
+
+
+@torch.no_grad()
+def dlqat_init_range(w0: torch.Tensor, spec: QuantSpec, method: str = "minmax", p: float = 4.0, grid: int = 100,
+                     layer: str = "<layer>") -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial ``(s, b)`` per group for the signed grid ``[-2^(n-1), 2^(n-1)-1]``.
+
+    ``minmax`` is the paper's: ``[min, max]`` of each group maps onto the grid's end points,
+    ``s = (max - min) / (2^n - 1)``, ``b = (2^(n-1) max + (2^(n-1) - 1) min) / (2^n - 1)``.
+    ``lp`` takes the Lp-searched asymmetric range (integer zero-point ``z`` on ``[0, 2^n - 1]``)
+    and rewrites it for the signed grid: ``b = s * (2^(n-1) - z)``.
+    """
+    n, half = spec.bits, 2 ** (spec.bits - 1)
+    if method == "minmax":
+        g = grouped(w0.float(), spec.n_groups(w0.shape[1], layer))
+        lo, hi = g.amin(-1), g.amax(-1)
+        s = ((hi - lo) / (2**n - 1)).clamp_min(MIN_SCALE)
+        b = (half * hi + (half - 1) * lo) / (2**n - 1)
+        return s, b
+    s, z = init_range(w0, QuantSpec(n, False, spec.group_size), method, p, grid, layer)
+    return s, s * (half - z.float())
+
+
+class DLQATLinear(QuantLinear):
+    """DL-QAT layer; parameters ``scale`` (s), ``offset`` (b), ``magnitude`` (m), ``lora_A``, ``lora_B``."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, rank: int, alpha: float,
+                 bias: torch.Tensor | None = None, name: str = "<layer>"):
+        if not spec.symmetric:
+            raise ValueError(f"{name}: DL-QAT uses the signed grid with a float offset; symmetric must be true")
+        super().__init__(in_features, out_features, spec, bias, name)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"{name}: rank {rank} exceeds min(in, out) = {min(in_features, out_features)}")
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        shape = (out_features, self.n_groups)
+        # Creation order = trainable_tensors() order, which gradient_mask() relies on.
+        self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32))
+        self.offset = nn.Parameter(torch.zeros(shape, dtype=torch.float32))
+        self.magnitude = nn.Parameter(torch.ones(shape, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32))
+        self.register_buffer("weight0", torch.zeros(out_features, in_features))
+        nn.init.normal_(self.lora_A, std=1.0 / rank)  # the paper's Gaussian A, zero B: step 0 is Q(W0)
+        self.phase = PHASE1
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: QATConfig, name: str) -> "DLQATLinear":
+        layer = cls(linear.in_features, linear.out_features, cfg.spec, cfg.rank, cfg.alpha, linear.bias, name)
+        layer.to(linear.weight.device)
+        with torch.no_grad():
+            s, b = dlqat_init_range(linear.weight, cfg.spec, cfg.range_init, cfg.lp_norm, cfg.lp_grid, name)
+            layer.scale.copy_(s)
+            layer.offset.copy_(b)
+            layer.weight0 = linear.weight.detach().clone()  # kept in the base model's dtype
+        layer.phase = PHASE1 if cfg.dlqat_phase1_steps > 0 else PHASE2
+        return layer
+
+    def set_phase(self, phase: int) -> None:
+        if phase not in (PHASE1, PHASE2):
+            raise ValueError(f"{self.layer_name}: DL-QAT phase must be 1 or 2, got {phase!r}")
+        self.phase = phase
+
+    def codes(self) -> torch.Tensor:
+        w = self.weight0.float() + self.scaling * (self.lora_B @ self.lora_A)
+        return clamp_codes(round_ste(to_codes_domain(w, self.scale, None, self.offset)), self.spec)
+
+    def scale_tensor(self) -> torch.Tensor:
+        return self.magnitude * self.scale
+
+    def offset_tensor(self) -> torch.Tensor:
+        return self.magnitude * self.offset
+
+    def gradient_mask(self) -> list[bool]:
+        p1 = self.phase == PHASE1
+        return [p1, p1, not p1, not p1, not p1]  # scale, offset | magnitude, lora_A, lora_B
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, phase={self.phase}"
