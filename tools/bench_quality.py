@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Held-out perplexity of every method on the real SmolLM2-135M, one row per command.
+
+    python tools/bench_quality.py --row w4pc/lrqat-fixed          # one row (trains if the method trains)
+    python tools/bench_quality.py --setting w4pc                  # every method at one setting
+    python tools/bench_quality.py --table                         # markdown table of all results so far
+    python tools/bench_quality.py --list                          # the rows and their overrides
+
+Each trained row runs the real trainer (``lrqat_dist.train.train``, the recipe
+``configs/smollm2-w4pc.yaml`` with the row's ``quant`` and ``train`` overrides) for the same budget,
+data order and seed, then measures held-out perplexity on ``heldout.txt`` (text never seen in training,
+``tools/prepare_text.py``) in non-overlapping blocks, on the model as trained (no reload). FP and RTN
+rows build and evaluate only. Results go to ``runs/bench_quality/results/<setting>__<method>.json``.
+
+Settings avoid 4-bit groups of 32 (SmolLM2's GGUF weights sit on a Q4_1 g32 grid, which would make W4 g32
+lossless) and use g64 for "W3 g128": SmolLM2's hidden size 576 is not a multiple of 128.
+See docs/RESULTS.md for the table and docs/bench-quality.md for the protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "configs" / "smollm2-w4pc.yaml"
+
+SETTINGS: dict[str, dict] = {
+    "w4pc": {"bits": 4, "group_size": None, "symmetric": True},
+    "w3pc": {"bits": 3, "group_size": None, "symmetric": True},
+    "w3g64": {"bits": 3, "group_size": 64, "symmetric": True},
+    "w2g64a": {"bits": 2, "group_size": 64, "symmetric": False},
+    # weight-and-activation (issue 8): W4 per-channel weights plus the activation preset
+    "w4a8pc": {"bits": 4, "group_size": None, "symmetric": True, "activations": "a8"},
+    "w4a4kv4pc": {"bits": 4, "group_size": None, "symmetric": True, "activations": "a4kv4"},
+}
+
+# method -> (quant overrides, train overrides). None: no quantization (the float model).
+# Learning rates: LR-QAT's adapters live in the integer domain (units of s), so they take a larger lr
+# than a float-domain weight; full QAT trains float weights (|w| ~ 0.02) and takes a small one.
+METHODS: dict[str, tuple[dict, dict] | None] = {
+    "fp": None,
+    "rtn": ({"method": "rtn"}, {}),
+    "peqa": ({"method": "peqa"}, {"scale_lr": 1e-4}),
+    "full_qat": ({"method": "full_qat"}, {"lr": 1e-5, "scale_lr": 1e-4}),
+    "lrqat-fixed": ({"method": "lrqat", "downcast": "fixed", "rank": 32, "alpha": 32.0}, {}),
+    "lrqat-bf16": ({"method": "lrqat", "downcast": "bf16", "rank": 32, "alpha": 32.0}, {}),
+    "lrqat-int-packed": ({"method": "lrqat", "downcast": "int-packed", "rank": 32, "alpha": 32.0}, {}),
+    "dlqat": ({"method": "dlqat", "rank": 16, "alpha": 3.2, "range_init": "minmax"}, {}),
+    "loqt": ({"method": "loqt", "rank": 32, "range_init": "lp", "loqt_scale": 0.25, "loqt_psi": 1.2,
+              "loqt_error_comp": 0, "loqt_final_merge": True}, {}),
+}
+# Methods run by --setting (activation settings run the three the issue names).
+DEFAULT_METHODS = ["fp", "rtn", "peqa", "full_qat", "lrqat-fixed", "lrqat-bf16", "lrqat-int-packed"]
+ACT_METHODS = ["rtn", "peqa", "lrqat-fixed"]
+
+RESULTS = ROOT / "runs" / "bench_quality" / "results"
+
+
+def _budget_overrides(args) -> list[str]:
+    return [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.grad_accum=1",
+            f"data.seq_len={args.seq_len}", f"train.seed={args.seed}", f"train.save_every={args.steps}",
+            "train.val_every=0", "train.keep_last=1", "log.tensorboard=false", "log.progress_bar=false",
+            f"train.log_every={max(1, args.steps // 10)}"]
+
+
+def row_quant(setting: str, method: str, steps: int) -> dict:
+    quant, _ = METHODS[method]
+    q = {**SETTINGS[setting], **quant}
+    if method == "dlqat":  # phase 1 (s, b only) for a fifth of the run, as in the paper (1000 of 5000)
+        q["dlqat_phase1_steps"] = max(1, steps // 5)
+        q["symmetric"] = True  # DL-QAT's float offset b is its asymmetry; it has no zero-point form
+
+    if method == "loqt":  # a handful of merges within a short run (paper: tau 100 over thousands of steps)
+        q["loqt_tau"] = max(1, steps // 10)
+    return q
+
+
+def row_overrides(setting: str, method: str, args, model_dir: Path, corpus: Path) -> list[str]:
+    """The ``--set`` overrides of ``configs/smollm2-w4pc.yaml`` that make one row's training job."""
+    out = ROOT / "runs" / "bench_quality" / setting / method
+    overrides = [f"model.path={model_dir}", f"data.train_files={corpus / 'shards' / 'train'}",
+                 f"data.val_files={corpus / 'shards' / 'validation'}", f"train.output_dir={out}",
+                 *_budget_overrides(args)]
+    spec = METHODS[method]
+    if spec is not None:
+        overrides += [f"quant.{k}={json.dumps(v)}" for k, v in row_quant(setting, method, args.steps).items()]
+        overrides += [f"train.{k}={json.dumps(v)}" for k, v in spec[1].items()]
+    return overrides
+
+
+def run_row(setting: str, method: str, args) -> dict:
+    import torch
+
+    from lrqat_dist import QATConfig, load_causal_lm, prepare
+    from lrqat_dist.data.text_sources import default_cache_dir
+    from lrqat_dist.eval.perplexity import text_perplexity
+    from lrqat_dist.model.gguf_import import prepare_smollm2
+    from lrqat_dist.train import Builders, build_model, build_tokenizer, load_config, train
+
+    torch.manual_seed(args.seed)
+    model_dir = prepare_smollm2()
+    corpus = default_cache_dir() / "text" / "corpus"
+    if not (corpus / "shards" / "train").is_dir():
+        raise SystemExit(f"no corpus at {corpus}: run `python tools/prepare_text.py --shards` first")
+    heldout = (corpus / "heldout.txt").read_text(encoding="utf-8")
+    cfg = load_config(RECIPE, overrides=row_overrides(setting, method, args, model_dir, corpus))
+    out = Path(cfg.train.output_dir)
+    spec = METHODS[method]
+    tokenizer = build_tokenizer(cfg)
+    t0 = time.time()
+    trained, train_info = False, {}
+    if spec is None:
+        model = load_causal_lm(path=model_dir)
+    elif method == "rtn":
+        model = prepare(load_causal_lm(path=model_dir), QATConfig(**cfg.quant.__dict__))
+    else:
+        trained = True
+        holder: dict = {}
+
+        def keep_model(c, device):  # the trainer's own builder; we keep a handle to evaluate it after
+            holder["model"] = build_model(c, device)
+            return holder["model"]
+
+        if out.exists():
+            shutil.rmtree(out)  # every row starts from the pretrained model, never from an old run
+        result = train(cfg, resume="none", builders=Builders(model=keep_model))
+        model = holder["model"]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [m["loss"] for m in metrics if m.get("loss") is not None]
+        train_info = {"steps": result.step, "first_loss": losses[0], "last_loss": losses[-1],
+                      "tokens": result.step * args.batch * args.seq_len, "train_seconds": time.time() - t0}
+    ppl = text_perplexity(model, tokenizer, heldout, seq_len=args.eval_seq_len, max_blocks=args.eval_blocks)
+    row = {"setting": setting, "method": method, "ppl": ppl.ppl, "eval_tokens": ppl.predicted_tokens,
+           "eval_blocks": ppl.blocks, "eval_seq_len": ppl.seq_len, "trained": trained, **train_info,
+           "quant": None if spec is None else row_quant(setting, method, args.steps),
+           "train_overrides": None if spec is None else spec[1],
+           "budget": {"steps": args.steps, "micro_batch_size": args.batch, "seq_len": args.seq_len,
+                      "seed": args.seed},
+           "seconds": time.time() - t0, "torch_threads": torch.get_num_threads(),
+           "command": f"python tools/bench_quality.py --row {setting}/{method} --steps {args.steps} "
+                      f"--batch {args.batch} --seq-len {args.seq_len} --eval-blocks {args.eval_blocks}"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f".{setting}__{method}.json.tmp"
+    tmp.write_text(json.dumps(row, indent=2))
+    os.replace(tmp, RESULTS / f"{setting}__{method}.json")
+    print(f"[bench_quality] {setting}/{method}: ppl {ppl.ppl:.3f}"
+          + (f" (loss {train_info['first_loss']:.3f} -> {train_info['last_loss']:.3f}, "
+             f"{train_info['train_seconds']:.0f} s)" if trained else ""), flush=True)
+    return row
+
+
+def table(results_dir: Path = RESULTS) -> str:
+    """Markdown: one block per setting, perplexity and share of the RTN-to-FP gap recovered."""
+    rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    if not rows:
+        return "(no results yet)"
+    fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
+    lines = []
+    order = {m: i for i, m in enumerate(METHODS)}
+    for setting in SETTINGS:
+        group = sorted((r for r in rows if r["setting"] == setting), key=lambda r: order.get(r["method"], 99))
+        if not group:
+            continue
+        rtn = next((r["ppl"] for r in group if r["method"] == "rtn"), None)
+        lines += [f"**{setting}**", "", "| method | held-out ppl | RTN-to-FP gap recovered | train loss first -> last | tokens |",
+                  "|---|---|---|---|---|"]
+        if fp is not None:
+            lines.append(f"| FP (as loaded) | {fp:.3f} | | | |")
+        for r in group:
+            if r["method"] == "fp":
+                continue
+            gap = ""
+            if fp is not None and rtn is not None and rtn > fp and r["method"] != "rtn":
+                gap = f"{100 * (rtn - r['ppl']) / (rtn - fp):.0f}%"
+            loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r.get("trained") else ""
+            tokens = f"{r['tokens']:,}" if r.get("trained") else ""
+            lines.append(f"| {r['method']} | {r['ppl']:.3f} | {gap} | {loss} | {tokens} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--row", help="SETTING/METHOD, e.g. w4pc/lrqat-fixed")
+    what.add_argument("--setting", help="every default method at SETTING")
+    what.add_argument("--table", action="store_true", help="print the markdown table of saved results")
+    what.add_argument("--list", action="store_true", help="print settings, methods and their overrides")
+    p.add_argument("--methods", help="comma-separated methods for --setting (default: all the issue's rows)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per trained row (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4, help="micro-batch (sequences per step; default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks (default: %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="held-out block length (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.list:
+        for s, q in SETTINGS.items():
+            print(f"setting {s}: {q}")
+        for m, spec in METHODS.items():
+            print(f"method {m}: {spec}")
+        return 0
+    if args.table:
+        print(table())
+        return 0
+    if args.row:
+        setting, _, method = args.row.partition("/")
+        todo = [(setting, method)]
+    else:
+        setting = args.setting
+        default = ACT_METHODS if "activations" in SETTINGS.get(setting, {}) else DEFAULT_METHODS
+        todo = [(setting, m) for m in (args.methods.split(",") if args.methods else default)]
+    for setting, method in todo:
+        if setting not in SETTINGS:
+            p.error(f"unknown setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+        if method not in METHODS:
+            p.error(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    for setting, method in todo:
+        run_row(setting, method, args)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
