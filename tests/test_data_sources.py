@@ -263,3 +263,16 @@ def test_hf_rows_are_dealt_to_readers_and_resume(tokenizer, monkeypatch):
     it2 = iter(again)
     assert all((next(it2)["input_ids"] == e).all() for e in expect)
     assert again.skip_counts()["non_string_text"] >= 1
+
+
+def test_hf_streaming_with_the_real_datasets_library(tokenizer, tmp_path):
+    """The installed `datasets` streaming path (its `json` builder over local SlimPajama-layout .jsonl.zst
+    files, no network) yields exactly the tokens of the local-file source over the same file."""
+    pytest.importorskip("datasets")  # an optional extra ([hf]); the dev install always has it
+    path = write_jsonl(str(tmp_path / "train" / "chunk1" / "example_train_0.jsonl.zst"),
+                       [record(d) for d in make_docs(30)])
+    hf = DataConfig(hf_dataset="json", hf_data_files=[path], seq_len=16)
+    local = DataConfig(train_files=path, seq_len=16)
+    got, want = (iter(build_train_loader(c, tokenizer, micro_batch_size=2, rank=0, world_size=1)) for c in (hf, local))
+    for _ in range(40):  # past the end of the 30 documents: the second pass must agree too
+        assert (next(got)["input_ids"] == next(want)["input_ids"]).all()
