@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ppl(model, tok) -> float:
         return text_perplexity(model.to(device), tok, text, seq_len=args.eval_seq_len,
-                               max_blocks=args.eval_blocks).perplexity
+                               max_blocks=args.eval_blocks).ppl
 
     fp = load_for_eval(model_dir, device=device)
     rows = {"FP (as loaded)": ppl(fp.model, fp.tokenizer)}
