@@ -1,9 +1,12 @@
-"""DL-QAT and LoQT under two processes (torchrun, gloo, CPU): DeepSpeed ZeRO-2, ZeRO-3 and FSDP2.
+"""DL-QAT, LoQT and activation quantization under two processes (torchrun, gloo, CPU): DeepSpeed
+ZeRO-2, ZeRO-3 and FSDP2.
 
 One launch runs every (engine, method) pair (tests/dist/method_matrix.py). LoQT: after every step the
 merged buffers (codes, scales, P) and the full B are bit-identical on both ranks, ZeRO's fp32 master
 of B equals the working copy after merges that write it (zero or error-compensated values), and the
 merges happen after the scheduled steps. DL-QAT: steps 1-2 move only s and b, steps 3-4 only m, A, B.
+LR-QAT + a8kv4: every engine trains with the activation quantizers in place and its losses match a
+single-process run of the same global batch.
 """
 import json
 import os
@@ -50,3 +53,30 @@ def test_dlqat_phase_switch(results, engine):
         assert not (moved[step]["scale"] or moved[step]["offset"])
         assert moved[step]["magnitude"] and moved[step]["lora_B"]
     assert moved[3]["lora_A"]  # A's gradient is B^T(...): zero until B has moved once
+
+
+@pytest.fixture(scope="module")
+def single_process_actq_losses(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from method_matrix import METHODS, TRAIN
+    from train_common import job_dict, synthetic_builders
+
+    from lrqat_dist.train import train
+    from lrqat_dist.train.config import config_from_dict
+    from lrqat_dist.train.metrics import read_metrics
+
+    quant, steps = METHODS["actq"]
+    out = tmp_path_factory.mktemp("actq-single")
+    # The same four sequences per step as 2 ranks x micro-batch 1 x grad_accum 2 (train_common's loader).
+    train(config_from_dict(job_dict(out, quant=quant, train={**TRAIN, "max_steps": steps, "micro_batch_size": 2})),
+          resume="none", builders=synthetic_builders())
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_activation_quantized_training_matches_single_process(results, single_process_actq_losses, engine):
+    res = results[f"{engine}/actq"]
+    assert res["quantizers"] > 0
+    assert len(res["losses"]) == len(single_process_actq_losses) == 3
+    # fp32 everywhere; only the reduction order of the gradients differs between engines.
+    assert res["losses"] == pytest.approx(single_process_actq_losses, abs=1e-5)

@@ -8,6 +8,8 @@ After every optimizer step (every rank, collectively):
   both); the merge counter is recorded. ``tau = 1`` and error compensation: updates after steps 1, 3
   and the final merge after 5, with non-zero B written through the engine at step 3.
 - DL-QAT (phase 1 = steps 1-2): which parameter kinds moved in each step.
+- LR-QAT with activation quantization (``a8kv4``): per-step losses and how many activation quantizers
+  the engine-wrapped model holds (the test compares the losses with a single-process run).
 One launch for everything: each torchrun launch costs 11-17 s of start-up here. Rank 0 writes OUT_JSON.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ METHODS = {
     "loqt": ({"method": "loqt", "rank": 4, "range_init": "minmax", "loqt_tau": 1, "loqt_scale": 0.5,
               "loqt_error_comp": 1}, 5),
     "dlqat": ({"method": "dlqat", "rank": 4, "alpha": 4.0, "range_init": "minmax", "dlqat_phase1_steps": 2}, 4),
+    "actq": ({"method": "lrqat", "rank": 4, "activations": "a8kv4"}, 3),
 }
 KINDS = ("scale", "offset", "magnitude", "lora_A", "lora_B")
 
@@ -83,6 +86,19 @@ def run_dlqat(trainer, env) -> dict:
     return {"moved": moved}
 
 
+def run_actq(trainer, env) -> dict:
+    from lrqat_dist.quant.activation import DynamicActQuantizer
+    from lrqat_dist.train.metrics import read_metrics
+
+    n_quantizers = sum(isinstance(m, DynamicActQuantizer) for m in trainer.engine.module.modules())
+    trainer.run("none")
+    return {"losses": [r["loss"] for r in read_metrics(trainer.output_dir) if "loss" in r],
+            "quantizers": n_quantizers} if env.is_main else {}
+
+
+RUNNERS = {"loqt": run_loqt, "dlqat": run_dlqat, "actq": run_actq}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out_json")
@@ -98,7 +114,7 @@ def main() -> None:
             cfg = config_from_dict(job_dict(root / f"{engine}-{method}", quant=quant, dist=ENGINES[engine],
                                             train={**TRAIN, "max_steps": steps}))
             trainer = Trainer(cfg, synthetic_builders())
-            results[f"{engine}/{method}"] = (run_loqt if method == "loqt" else run_dlqat)(trainer, trainer.env)
+            results[f"{engine}/{method}"] = RUNNERS[method](trainer, trainer.env)
     if int(os.environ["RANK"]) == 0:
         Path(args.out_json).write_text(json.dumps(results, indent=1))
 
