@@ -34,7 +34,7 @@ def test_every_row_is_a_valid_job_with_the_same_budget(setting, tmp_path):
                      cfg.train.seed, cfg.model.path, str(cfg.data.train_files)))
         assert cfg.train.output_dir.endswith(f"{setting}/{method}")
     assert len(budgets) == 1  # same data, token budget and seed for every trained row
-    assert next(iter(budgets))[:5] == (25, 4, 1, 256, 0)
+    assert next(iter(budgets))[:5] == (25, 4, 1, 128, 0)
 
 
 def test_no_row_uses_4bit_groups_of_32():

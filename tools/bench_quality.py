@@ -195,11 +195,11 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--table", action="store_true", help="print the markdown table of saved results")
     what.add_argument("--list", action="store_true", help="print settings, methods and their overrides")
     p.add_argument("--methods", help="comma-separated methods for --setting (default: all the issue's rows)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per trained row (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per trained row (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="micro-batch (sequences per step; default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="training sequence length (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks (default: %(default)s)")
+    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks (default: %(default)s)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="held-out block length (default: %(default)s)")
     return p
 
