@@ -23,16 +23,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from ..methods.hooks import group_windows
 from ..train.build import resolve_device
-from ..train.optim import build_optimizer, build_scheduler
-from .base import Engine, clip_and_norm, decoder_layers, next_token_loss
+from .base import decoder_layers, next_token_loss
 from .env import DistEnv, default_backend, local_rank, standalone_env
+from .torch_optim import TorchOptimizerEngine
 
 DCP_DIR = "dcp"
 
 
-class FSDP2Engine(Engine):
+class FSDP2Engine(TorchOptimizerEngine):
     name = "fsdp2"
 
     @classmethod
@@ -54,14 +53,7 @@ class FSDP2Engine(Engine):
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train, group_windows(cfg.quant))
-        self._params = [p for p in model.parameters() if p.requires_grad]
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model
+        self._init_optimizer()
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
         # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
@@ -69,16 +61,6 @@ class FSDP2Engine(Engine):
         loss = next_token_loss(self.forward(input_ids), input_ids)
         (loss / self.cfg.train.grad_accum).backward()
         return loss.detach()
-
-    def step(self) -> float | None:
-        norm = clip_and_norm(self._params, self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def lrs(self) -> dict[str, float]:
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     def full_params(self, names: list[str]) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())

@@ -12,17 +12,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..methods.hooks import group_windows
 from ..train.build import resolve_device
-from ..train.optim import build_optimizer, build_scheduler
-from .base import Engine, clip_and_norm, next_token_loss
+from .base import next_token_loss
 from .env import DistEnv, launched_world_size, local_rank
+from .torch_optim import TorchOptimizerEngine
 
 TRAIN_STATE_FILE = "train_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-class SingleEngine(Engine):
+class SingleEngine(TorchOptimizerEngine):
     name = "none"
 
     @classmethod
@@ -36,30 +35,13 @@ class SingleEngine(Engine):
         return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
 
     def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
-        super().__init__(model, cfg, env)
-        self.model = model.to(env.device)
-        self.optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train, group_windows(cfg.quant))
-        self._params = [p for p in model.parameters() if p.requires_grad]
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model
+        super().__init__(model.to(env.device), cfg, env)
+        self._init_optimizer()
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
         loss = next_token_loss(self.forward(input_ids), input_ids)
         (loss / self.cfg.train.grad_accum).backward()
         return loss.detach()
-
-    def step(self) -> float | None:
-        norm = clip_and_norm(self._params, self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def lrs(self) -> dict[str, float]:
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
