@@ -30,10 +30,9 @@ import yaml
 from torch import nn
 
 from ..methods.hooks import group_windows
-from ..train.build import resolve_device
 from ..train.optim import build_scheduler, param_groups
 from .base import Engine, next_token_loss
-from .env import DistEnv, default_backend, local_rank, standalone_env
+from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
 
 DS_DIR = "deepspeed"
 
@@ -104,9 +103,7 @@ class DeepSpeedEngine(Engine):
     def setup(cls, cfg: Any) -> DistEnv:
         import deepspeed
 
-        device = resolve_device(cfg.train, local_rank())
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = claim_device(cfg.train)
         if device.type == "cpu" and not cfg.dist.cpu_shm_comm:
             _skip_shm_comm_op()
         backend = default_backend(device) if cfg.dist.backend == "auto" else cfg.dist.backend

@@ -23,6 +23,16 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def claim_device(train_cfg) -> torch.device:
+    """This process's device from ``train.device`` and LOCAL_RANK, made current when it is a GPU."""
+    from ..train.build import resolve_device  # lazy: lrqat_dist.train imports the engines
+
+    device = resolve_device(train_cfg, local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

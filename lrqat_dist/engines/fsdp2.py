@@ -23,9 +23,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from ..train.build import resolve_device
 from .base import decoder_layers, next_token_loss
-from .env import DistEnv, default_backend, local_rank, standalone_env
+from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
 from .torch_optim import TorchOptimizerEngine
 
 DCP_DIR = "dcp"
@@ -36,9 +35,7 @@ class FSDP2Engine(TorchOptimizerEngine):
 
     @classmethod
     def setup(cls, cfg: Any) -> DistEnv:
-        device = resolve_device(cfg.train, local_rank())
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = claim_device(cfg.train)
         if not dist.is_initialized():
             backend = default_backend(device) if cfg.dist.backend == "auto" else cfg.dist.backend
             os.environ.update(standalone_env())

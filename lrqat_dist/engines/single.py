@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..train.build import resolve_device
 from .base import next_token_loss
-from .env import DistEnv, launched_world_size, local_rank
+from .env import DistEnv, claim_device, launched_world_size
 from .torch_optim import TorchOptimizerEngine
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -29,9 +28,7 @@ class SingleEngine(TorchOptimizerEngine):
         if launched_world_size() > 1:
             raise ValueError(f"dist.engine: 'none' runs one process, but WORLD_SIZE={launched_world_size()}; "
                              "use dist.engine=deepspeed or fsdp2 for several processes")
-        device = resolve_device(cfg.train, local_rank())
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = claim_device(cfg.train)
         return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
 
     def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
