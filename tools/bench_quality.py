@@ -99,7 +99,7 @@ def row_overrides(setting: str, method: str, args, model_dir: Path, corpus: Path
 def run_row(setting: str, method: str, args) -> dict:
     import torch
 
-    from lrqat_dist import QATConfig, load_causal_lm, prepare
+    from lrqat_dist import load_causal_lm
     from lrqat_dist.data.text_sources import default_cache_dir
     from lrqat_dist.eval.perplexity import text_perplexity
     from lrqat_dist.model.gguf_import import prepare_smollm2
@@ -120,7 +120,7 @@ def run_row(setting: str, method: str, args) -> dict:
     if spec is None:
         model = load_causal_lm(path=model_dir)
     elif method == "rtn":
-        model = prepare(load_causal_lm(path=model_dir), QATConfig(**cfg.quant.__dict__))
+        model = build_model(cfg, torch.device("cpu"))  # the trainer's own build, with nothing trained
     else:
         trained = True
         holder: dict = {}
