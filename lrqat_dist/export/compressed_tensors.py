@@ -23,13 +23,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..dtypes import dtype_name, parse_dtype
 from ..methods import FoldedWeight
 from ..model import quantized_layers
 from ..quant.affine import QuantSpec
 from .activations import check_carried, input_activation_args, model_act_config, write_sidecar
 from .exactness import DenseCaster, check_quantized_layers
-from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, dtype_name,
-                     parse_dtype, save_config, save_tokenizer, staging_dir, unquantized_linears)
+from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, save_config,
+                     save_tokenizer, staging_dir, unquantized_linears)
 from .verify import Checker, ExportReport, check_dense, check_loaded_model, progress, stderr_log
 
 FORMAT = "compressed-tensors"

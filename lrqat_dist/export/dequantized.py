@@ -13,11 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..dtypes import dtype_name, parse_dtype
 from ..model import quantized_layers
 from .activations import check_carried, model_act_config, write_sidecar
 from .exactness import DENSE_ALTERNATIVE, DenseCaster
-from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, dense_state_dict, dtype_name, parse_dtype, save_config,
-                     save_tokenizer, staging_dir)
+from .hf_dir import DEFAULT_MAX_SHARD_BYTES, ShardWriter, dense_state_dict, save_config, save_tokenizer, staging_dir
 from .verify import ExportReport, check_dense, check_loaded_model, progress, stderr_log
 
 FORMAT = "dequantized"

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import dtype_name
 from ..methods import QuantLinear
-from .hf_dir import dtype_name
 
 MAX_LISTED = 8
 DENSE_ALTERNATIVE = ("Export with dtype float32, or accept rounding of the dense tensors with allow_rounding=True "
@@ -112,7 +112,7 @@ def round_scales_(model: torch.nn.Module, dtype: str | torch.dtype) -> str:
     a half-precision compressed-tensors export can then store it exactly. Returns a one-line summary.
     """
     from ..model import quantized_layers
-    from .hf_dir import parse_dtype
+    from ..dtypes import parse_dtype
 
     dtype = parse_dtype(dtype)
     layers = quantized_layers(model)

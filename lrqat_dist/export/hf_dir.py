@@ -18,25 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..dtypes import dtype_name
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``torch.float32 | "float32" | "fp32" | "bf16" ...`` -> torch dtype (float32, bfloat16 or float16)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
-        return dtype
-    try:
-        return DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class ShardWriter:

@@ -5,7 +5,7 @@ Directory layout::
     config.json, generation_config.json, tokenizer files   (plain HF, no quantization_config)
     model.safetensors          dense tensors (embeddings, norms, lm_head, biases) in the export dtype
     quantized.safetensors      per quantized linear P: P.qweight  uint8 codes (packed: 2- to 4-bit
-                               codes by lrqat_dist.quant.packing, low bits first; 5- to 8-bit: one
+                               codes by lrqat_dist.quant.bitpack, low bits first; 5- to 8-bit: one
                                code per byte), stored unsigned as q - qmin
                                P.scale  fp32 [out, n_groups];  P.zero_point  int32 (asymmetric only)
                                P.offset  fp32 [out, n_groups] (DL-QAT's float offset m*b only)
@@ -31,15 +31,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..dtypes import dtype_name, parse_dtype
 from ..methods import FoldedWeight
 from ..model import quantized_layers
 from ..model.activations import INPUT_QUANTIZER
 from ..quant.affine import QuantSpec
-from ..quant.packing import codes_per_byte, pack_codes, unpack_codes
+from ..quant.bitpack import codes_per_byte, pack_codes, unpack_codes
 from .activations import load_static_ranges, model_act_config, static_ranges, write_sidecar
 from .exactness import DenseCaster, check_quantized_layers
-from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, dtype_name,
-                     parse_dtype, save_config, save_tokenizer, staging_dir)
+from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, save_config,
+                     save_tokenizer, staging_dir)
 from .verify import Checker, ExportReport, check_dense, check_loaded_model, progress, stderr_log
 
 FORMAT = "native"

@@ -58,15 +58,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import DTYPES
+from ..methods import METHODS as QAT_METHODS
+from ..methods.config import DEFAULT_TARGETS
+from ..methods.lora_reference import NAME as LORA
+
 GiB = 2**30
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("lrqat", "peqa", "full_qat", "lora", "rtn")
+TARGETS = tuple(DEFAULT_TARGETS)
 ENGINES = ("none", "deepspeed", "fsdp2")
-DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+DTYPE_BYTES = {name: t.itemsize for name, t in DTYPES.items()}  # both spellings: bf16 / bfloat16 ...
 
 # [out, in] fp32 temporaries of one layer's weight rebuild, in units of 4*out*in bytes (measured:
 # tools/bench_memory.py --temporaries; forward, backward). The backward count includes the forward's.
-TEMPORARIES = {"lrqat": (4.0, 6.0), "peqa": (2.0, 4.0), "full_qat": (3.0, 6.0), "lora": (0.0, 0.0), "rtn": (2.0, 0.0)}
+TEMPORARIES = {"lrqat": (4.0, 6.0), "peqa": (2.0, 4.0), "full_qat": (3.0, 6.0), LORA: (0.0, 0.0), "rtn": (2.0, 0.0)}
+# The methods planned: the registry's (lrqat_dist.methods.METHODS) that have a cost model here, and the
+# plain-LoRA reference. Registry methods without one (DL-QAT, LoQT) are refused by name, not as unknown.
+METHODS = (*(m for m in QAT_METHODS if m in TEMPORARIES), LORA)
 LOSS_BYTES_PER_LOGIT = 12  # three fp32 N x V tensors alive at once around the cross-entropy
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
@@ -201,6 +208,9 @@ class PlanConfig:
     overlap_comm: bool | None = None  # DeepSpeed default: on for ZeRO-3 only
 
     def __post_init__(self):
+        if self.method in QAT_METHODS and self.method not in METHODS:
+            raise ValueError(f"method: the planner has no memory model for {self.method!r} yet; "
+                             f"planned: {', '.join(METHODS)}")
         if self.method not in METHODS:
             raise ValueError(f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.engine not in ENGINES:
@@ -304,7 +314,7 @@ class Plan:
         ]
         head = (f"{self.shape.name}: {c.method}"
                 + (f" phi={c.downcast}" if c.method == "lrqat" else "")
-                + (f" r={c.rank}" if c.method in ("lrqat", "lora") else "")
+                + (f" r={c.rank}" if c.method in ("lrqat", LORA) else "")
                 + f" W{c.bits}{'pc' if c.group_size is None else f'g{c.group_size}'}"
                 + f" {c.micro_batch}x{c.seq_len} {c.dtype} engine={c.engine}"
                 + (f" zero={c.zero_stage}" if c.engine == "deepspeed" else "")
@@ -325,7 +335,7 @@ def _trainable_elems(cfg: PlanConfig, o: int, i: int) -> int:
     g = 1 if cfg.group_size is None else i // cfg.group_size
     scale = o * g if cfg.train_scale else 0
     return {"lrqat": cfg.rank * (i + o) + scale, "peqa": o * g, "full_qat": o * i + scale,
-            "lora": cfg.rank * (i + o), "rtn": 0}[cfg.method]
+            LORA: cfg.rank * (i + o), "rtn": 0}[cfg.method]
 
 
 def _per_linear(shape: ModelShape, cfg: PlanConfig) -> tuple[float, float, float]:
@@ -359,7 +369,7 @@ def layer_activation_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int) -> f
     """Bytes autograd saves in one decoder layer for ``tokens`` tokens (see the module docstring)."""
     e, h, i = cfg.e, shape.hidden, shape.intermediate
     per_token = 2 * 4 * h + e * (2 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * i) + 4 * shape.heads + 2 * 4
-    if cfg.method == "lora":
+    if cfg.method == LORA:
         per_token += e * cfg.rank * len(TARGETS)  # x @ A^T (compute dtype) saved for B's gradient
     return per_token * tokens
 
@@ -377,7 +387,7 @@ def shared_activation_bytes(shape: ModelShape, cfg: PlanConfig) -> float:
     """
     rope = 2.0 * cfg.e * cfg.seq_len * shape.hd
     casts = 0.0
-    if cfg.method == "lora" and cfg.e != 4:
+    if cfg.method == LORA and cfg.e != 4:
         casts = cfg.e * cfg.rank * (shape.layers * sum(o + i for _, o, i in shape.linears()) - 3 * shape.hidden)
     return rope + casts
 
@@ -390,7 +400,7 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     float_frozen = e * (shape.embedding_params + shape.norm_params)  # frozen nn.Parameters (shardable)
     rotary = 4.0 * shape.hd  # inv_freq + original_inv_freq, fp32 [hd/2] each (replicated buffers)
     param_share = 1.0 / w if cfg.shards_params else 1.0
-    frozen = lin_frozen * (param_share if cfg.method == "lora" else 1.0) + float_frozen * param_share + rotary
+    frozen = lin_frozen * (param_share if cfg.method == LORA else 1.0) + float_frozen * param_share + rotary
     trainable = 4.0 * n_train * param_share
     training = cfg.method != "rtn" and n_train > 0
 
@@ -439,7 +449,7 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     # temporaries of the weight rebuild (largest linear) and the activation gradients of one layer
     big = max(o * i for _, o, i in shape.linears())
     t_fwd, t_bwd = TEMPORARIES[cfg.method]
-    if e == 2 and cfg.method not in ("lora", "rtn"):
+    if e == 2 and cfg.method not in (LORA, "rtn"):
         t_bwd += 0.5
     if cfg.method == "lrqat" and cfg.downcast.lower() == "fp32":
         t_fwd -= 1.0
@@ -461,7 +471,7 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     # ZeRO-3 / FSDP2 gathers
     gather = 0.0
     if cfg.shards_params:
-        layer_floats = 2 * e * shape.hidden + 4.0 * n_train / L + (lin_frozen / L if cfg.method == "lora" else 0)
+        layer_floats = 2 * e * shape.hidden + 4.0 * n_train / L + (lin_frozen / L if cfg.method == LORA else 0)
         emb = e * shape.vocab * shape.hidden
         if cfg.engine == "fsdp2":  # root unit (embeddings, lm_head, final norm) + current and prefetched layer
             gather = e * shape.embedding_params + 2 * layer_floats

@@ -11,11 +11,6 @@ from ..methods import METHODS, FoldedWeight, QATConfig, QuantLinear
 from .activations import apply_activation_quant, move_input_quantizer
 
 
-def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, child)
-
-
 def prepare(model: nn.Module, config: QATConfig,
             load_linear: Callable[[str, nn.Linear], nn.Linear] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` whose last name component is in ``config.targets`` (in place).
@@ -25,7 +20,7 @@ def prepare(model: nn.Module, config: QATConfig,
     activation scales when ``config.activations`` asks for static learned ranges.
     With ``config.activations`` the activation fake-quantizers are attached too (model/activations.py).
     ``load_linear(name, linear)``, when given, returns the linear to convert in place of ``linear``
-    right before its conversion: lean loading (``lrqat_dist.memory.lean_load``) builds the model on
+    right before its conversion: lean loading (``lrqat_dist.model.lean_load``) builds the model on
     the ``meta`` device and reads each weight only then, so one base weight is in memory at a time.
     """
     if any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -41,7 +36,7 @@ def prepare(model: nn.Module, config: QATConfig,
     for name, linear in chosen:
         if load_linear is not None:
             linear = load_linear(name, linear)
-        _set_child(model, name, method.from_linear(linear, config, name))
+        model.set_submodule(name, method.from_linear(linear, config, name))
     if config.activations is not None:
         apply_activation_quant(model, config.activations, [n for n, _ in chosen])
     model.qat_config = config
@@ -102,7 +97,7 @@ def materialize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
             linear.bias.copy_(folded.bias)
         linear.requires_grad_(False)
         move_input_quantizer(layer, linear)  # activation quantization stays in place
-        _set_child(model, name, linear)
+        model.set_submodule(name, linear)
     if hasattr(model, "qat_config"):
         del model.qat_config
     return model

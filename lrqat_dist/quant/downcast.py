@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import DTYPES
 from .affine import QuantSpec
-from .packing import pack_codes, unpack_codes
+from .bitpack import pack_codes, unpack_codes
 
 
 class Downcast:
@@ -108,6 +109,7 @@ class IntDowncast(Downcast):
 
 
 _FIXED = re.compile(r"^q(\d)\.(\d)$")
+FLOAT_DOWNCASTS = ("fp32", "bf16", "fp16")  # short spellings of lrqat_dist.dtypes only
 DOWNCAST_NAMES = ("fp32", "bf16", "fp16", "fixed", "q<i>.<f>", "int", "int-packed")
 
 
@@ -116,9 +118,8 @@ def get_downcast(name: str, spec: QuantSpec) -> Downcast:
     ``q4.4`` / ``q3.5`` / ``q2.6`` (any Qi.f with i + f = 8 whose range holds the grid), ``int``
     (int8 codes) or ``int-packed`` (two 4-bit / four 2-bit codes per byte)."""
     key = name.lower()
-    floats = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if key in floats:
-        return FloatDowncast(floats[key], key)
+    if key in FLOAT_DOWNCASTS:
+        return FloatDowncast(DTYPES[key], key)
     if key in ("int", "int-packed"):
         if key == "int-packed" and spec.bits > 4:
             raise ValueError(f"downcast: 'int-packed' holds 2- to 4-bit codes, got bits={spec.bits}; use 'int'")

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import load_causal_lm, prepare
+from ..dtypes import DTYPES
+from ..model import build_prepared_model
 from .config import JobConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_CACHE_MARKER = "lrqat_tokenizer_source.json"
 
 
@@ -43,7 +43,7 @@ def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
     """
     if train.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[train.dtype]
+    return DTYPES[train.dtype]
 
 
 def resolve_path(spec: str) -> Path:
@@ -85,14 +85,13 @@ def build_tokenizer(cfg: JobConfig, cache_dir: Path | None = None) -> Any:
 
 
 def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The prepared (quantized, frozen except A, B, s) model of ``cfg``, deterministic given ``cfg``.
+    """The prepared (quantized, frozen except A, B, s) model of ``cfg``, deterministic given ``cfg``:
+    :func:`lrqat_dist.model.build_prepared_model` of the ``model:`` and ``quant:`` sections.
 
-    The base model is read in its stored dtype (random init: fp32) and prepared from that, so the
-    frozen buffers do not depend on the compute ``dtype``; afterwards the remaining frozen float
-    parameters (embeddings, norms, lm_head) are cast to ``dtype`` (default: ``train.dtype`` resolved
-    for ``device``). Every rank must call this with the same config: buffers are not broadcast.
-    A local safetensors directory is built one weight at a time (``lrqat_dist.memory.lean_load``, same
-    result bit for bit): the whole float model is never on the device, nor on the host beside the result.
+    ``dtype`` (default: ``train.dtype`` resolved for ``device``) is the compute dtype of the frozen
+    floats. Every rank must call this with the same config: buffers are not broadcast. A local
+    safetensors directory is built one weight at a time (``lrqat_dist.model.lean_load``, same result
+    bit for bit): the whole float model is never on the device, nor on the host beside the result.
     """
     device = torch.device(device)
     dtype = dtype or resolve_dtype(cfg.train, device)
@@ -104,29 +103,9 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch
                          "(prepare, lrqat_dist.model.activations.calibrate_activations, your loop); the "
                          "trainer runs mode 'dynamic'")
     m = cfg.model
-    if m.path is not None:
-        path = resolve_path(m.path)
-        from ..memory.lean_load import LeanLoadUnsupported, lean_build, lean_loadable
-
-        if lean_loadable(path):  # one base weight at a time, never the whole float model on the device
-            try:
-                return lean_build(cfg.quant, path=path, device=device, dtype=dtype, init_seed=m.init_seed,
-                                  attn_implementation=m.attn_implementation)
-            except LeanLoadUnsupported as e:
-                logger.warning("lean loading not possible (%s); loading the whole model first", e)
-        model = load_causal_lm(path=path, dtype="auto", attn_implementation=m.attn_implementation)
-    else:
-        model = load_causal_lm(config=m.config, dtype=torch.float32, seed=m.init_seed,
-                               attn_implementation=m.attn_implementation)
-    model.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(m.init_seed)  # the adapters' random init (drawn on the CPU), same on every rank
-        prepare(model, cfg.quant)
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            p.data = p.data.to(dtype)
-    model.config.use_cache = False
-    return model
+    return build_prepared_model(cfg.quant, path=None if m.path is None else resolve_path(m.path), config=m.config,
+                                init_seed=m.init_seed, attn_implementation=m.attn_implementation, device=device,
+                                dtype=dtype)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -17,13 +17,16 @@ from typing import Any
 import yaml
 
 from ..data import DataConfig
+from ..dtypes import DTYPES as TORCH_DTYPES
+from ..dtypes import dtype_name
 from ..methods.config import QATConfig
 from ..typed_config import from_dict, to_dict
 
 SECTIONS = ("model", "quant", "data", "train", "dist", "log")
 SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("none", "deepspeed", "fsdp2")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# train.dtype: "auto" or a float dtype in its HF spelling (float32, bfloat16, float16)
+DTYPES = ("auto", *(n for n, t in TORCH_DTYPES.items() if n == dtype_name(t)))
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -1,7 +1,7 @@
 """Lean construction of a prepared model: host memory = the prepared model + one weight in flight.
 
-Loading the whole base model, moving it to the device and only then preparing it (what
-``build_model`` did before it called :func:`lean_build`) holds the base model *and* the new Phi0
+Loading the whole base model, moving it to the device and only then preparing it (the eager path
+of :func:`~lrqat_dist.model.build.build_prepared_model`) holds the base model *and* the new Phi0
 buffers at once (``prepare`` keeps every replaced ``nn.Linear`` alive until it returns): 13.5 GB
 (fp16 LLaMA-2 7B) + 6.5 GB of Q4.4 on a 24 GB GPU before training starts; a 70B model (138 GB in
 bf16) cannot be built at all on one 80 GB device, and 8 ranks on one node would each hold it in host
@@ -21,10 +21,11 @@ memory. :func:`lean_build` builds the same model without that:
 Peak memory beyond the result: one base weight and its conversion temporaries (measured: about 7x
 the weight in fp32 for LR-QAT with min-max range init), or one 8 MiB chunk. For a model directory the
 result equals the eager path's bit for bit (parameters, buffers, names, ``requires_grad``;
-``tests/test_memory_plan.py``). A ``config`` model is random-initialised differently from
+``tests/test_model_build.py``). A ``config`` model is random-initialised differently from
 ``from_config`` (normal(0, initializer_range) per tensor from ``(seed, name)``, norms 1) but
 deterministically on every rank, one tensor at a time: that is what measurement runs of 7B-70B shapes
-need (``build_model`` random-inits a ``config`` model eagerly, in fp32, to keep its values).
+need (``build_prepared_model`` random-inits a ``config`` model eagerly, in fp32, to keep its values,
+unless asked for ``lean=True``).
 """
 from __future__ import annotations
 
@@ -36,12 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import DTYPES, SAFETENSORS_DTYPES
 from ..methods import QATConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+from .loading import build_config
+from .patch import prepare
 
 
 _CHUNK_BYTES = 8 << 20  # casting reads go in row chunks of at most this many (source) bytes
@@ -49,7 +48,7 @@ _CHUNK_BYTES = 8 << 20  # casting reads go in row chunks of at most this many (s
 
 class LeanLoadUnsupported(ValueError):
     """The directory cannot be read tensor by tensor (no safetensors, or keys that differ from the
-    model's state dict): load it the ordinary way (``build_model`` falls back by itself)."""
+    model's state dict): load it the ordinary way (``build_prepared_model`` falls back by itself)."""
 
 
 def lean_loadable(path: str | Path) -> bool:
@@ -94,7 +93,7 @@ class _TensorSource:
         path = str(self.files[key])
         with safe_open(path, framework="pt") as f:
             sl = f.get_slice(key)
-            shape, stored = sl.get_shape(), _ST_DTYPES.get(sl.get_dtype())
+            shape, stored = sl.get_shape(), SAFETENSORS_DTYPES.get(sl.get_dtype())
             same = via in (None, stored) and to in (None, stored)
             if stored is None or not stored.is_floating_point or (same and not copy):
                 return f.get_tensor(key) if not copy else f.get_tensor(key).clone()
@@ -146,26 +145,18 @@ def _meta_model(config: Any, attn_implementation: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
-def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, child)
-
-
 @torch.no_grad()
 def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | str | Path | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, init_seed: int = 0,
                attn_implementation: str = "sdpa") -> nn.Module:
-    """The prepared model of ``build_model`` (same arguments as its ``model:`` section), built one
+    """The prepared model of ``build_prepared_model`` (same arguments), built one
     linear at a time: peak host memory = the prepared model (when ``device`` is the CPU) + one base
     weight (and its range-init temporaries) in flight; on a GPU the host holds one tensor at a time.
 
-    ``path``: a local HF directory with safetensors weights (the result equals ``build_model``'s bit
+    ``path``: a local HF directory with safetensors weights (the result equals the eager build's bit
     for bit); ``config``: a config dict / config.json for a deterministic random init (normal(0,
     initializer_range) per tensor from ``(init_seed, name)``, norms 1; not ``from_config``'s values).
     """
-    from ..model.loading import build_config
-    from ..model.patch import prepare
-
     if (path is None) == (config is None):
         raise ValueError("lean_build: give exactly one of path (local HF directory) or config (random init)")
     device = torch.device(device)
@@ -176,11 +167,11 @@ def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | 
         cfg = build_config(path)
         source: Any = _TensorSource(path)
         # what from_pretrained(dtype="auto") holds: the config's dtype (None: as stored in the file)
-        stored = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else _DTYPES.get(str(cfg.dtype), None)
+        stored = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else DTYPES.get(str(cfg.dtype), None)
     else:
         cfg = build_config(config)
         source = None
-        stored = torch.float32  # build_model random-inits in fp32
+        stored = torch.float32  # the eager build random-inits in fp32
     model = _meta_model(cfg, attn_implementation)
     if path is not None:  # what from_pretrained also sets (exports write generation_config.json from it)
         model.config._name_or_path = str(path)
@@ -197,7 +188,7 @@ def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | 
         raise LeanLoadUnsupported(f"lean_build: {path}: weights missing under the model's names: {missing[:5]}")
 
     # 1. everything prepare does not convert, straight into its final dtype (frozen: the compute dtype,
-    #    as build_model casts after prepare; trained with train_unquantized: kept in the stored dtype)
+    #    as the eager build casts after prepare; trained with train_unquantized: kept in the stored dtype)
     targets = set(quant.targets)
     keep_stored = bool(getattr(quant, "train_unquantized", False))
     for pname, p in list(model.named_parameters(remove_duplicate=False)):
@@ -216,7 +207,7 @@ def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | 
             if "rotary" not in type(module).__name__.lower():
                 raise ValueError(f"lean_build: cannot rebuild the meta buffers of {mod_name} ({type(module).__name__})")
             # built on the CPU then moved, as from_pretrained + .to(device) does (a GPU pow may differ by an ulp)
-            _set_child(model, mod_name, type(module)(config=module.config).to(device))
+            model.set_submodule(mod_name, type(module)(config=module.config).to(device))
 
     # 2. prepare, reading each quantized linear's weight only when it is converted
     def load_linear(name: str, meta: nn.Linear) -> nn.Linear:
@@ -227,9 +218,9 @@ def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | 
         return linear
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)  # the adapters' random init, as build_model
+        torch.manual_seed(init_seed)  # the adapters' random init, as the eager build
         prepare(model, quant, load_linear=load_linear)
-    for p in model.parameters():  # as build_model: remaining frozen floats in the compute dtype
+    for p in model.parameters():  # as the eager build: remaining frozen floats in the compute dtype
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
