@@ -81,7 +81,9 @@ def main(argv=None):
     ap.add_argument("--replan", default=None, metavar="JSON",
                     help="re-predict the rows of an earlier --json output with the current planner (no measuring)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    # one line per measured method (lrqat_dist.memory.benchmark's logger) on stdout, before the table
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("lrqat_dist").setLevel(logging.INFO)
 
     if args.replan:
         data = json.loads(Path(args.replan).read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -85,13 +86,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from lrqat_dist.eval import load_for_eval, paper_average, read_text_files, run_lm_eval, summarize, text_perplexity
 
+    # the library's progress records (lrqat_dist.* loggers) on stderr; other libraries stay at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("lrqat_dist").setLevel(logging.INFO)
+
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.time()
     try:
         m = load_for_eval(args.model, dtype=getattr(torch, args.dtype), device=args.device, step=args.step,
-                          trainable_file=args.trainable, tokenizer=args.tokenizer, log=log)
+                          trainable_file=args.trainable, tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ppl_files:
         text = read_text_files(args.ppl_files)
         r = text_perplexity(m.model, m.tokenizer, text, seq_len=args.seq_len, batch_size=args.ppl_batch_size,
-                            max_blocks=args.max_blocks, add_special_tokens=not args.no_special_tokens, log=log)
+                            max_blocks=args.max_blocks, add_special_tokens=not args.no_special_tokens)
         results["perplexity"] = {"files": [str(f) for f in args.ppl_files],
                                  "special_tokens": not args.no_special_tokens, **r.to_dict()}
     if args.tasks:
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = run_lm_eval(m.model, m.tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()],
                               include_path=args.include_path or None, batch_size=args.batch_size,
-                              num_fewshot=args.num_fewshot, limit=limit, log=log)
+                              num_fewshot=args.num_fewshot, limit=limit)
         except (ValueError, RuntimeError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

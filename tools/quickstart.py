@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lrqat_dist import QATConfig, load_causal_lm, prepare
     from lrqat_dist.data.text_sources import build_corpus, default_cache_dir
     from lrqat_dist.eval.perplexity import text_perplexity
     from lrqat_dist.eval.sources import load_for_eval
     from lrqat_dist.model.gguf_import import prepare_smollm2
+    from lrqat_dist.train.build import build_model
     from lrqat_dist.train.config import load_config
 
     t0 = time.time()
@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     fp = load_for_eval(model_dir, device=device)
     rows = {"FP (as loaded)": ppl(fp.model, fp.tokenizer)}
-    rtn_cfg = QATConfig(**{**quant.__dict__, "method": "rtn"})
-    rows[f"RTN W{quant.bits}"] = ppl(prepare(load_causal_lm(path=model_dir), rtn_cfg), fp.tokenizer)
+    # RTN at the recipe's grid through the trainer's own builder, nothing trained (as tools/bench_quality.py's
+    # RTN rows); built on the CPU in fp32 whatever the device, as this baseline always was: the same tensors
+    # as prepare(load_causal_lm(path), rtn) (tests/test_model_build.py), so the same perplexity
+    rtn_job = load_config(ROOT / args.config, overrides=overrides + ["quant.method=rtn"])
+    rows[f"RTN W{quant.bits}"] = ppl(build_model(rtn_job, device="cpu", dtype=torch.float32), fp.tokenizer)
     del fp
     ct = load_for_eval(export_dir, device=device)
     rows[f"LR-QAT W{quant.bits} (compressed-tensors export)"] = ppl(ct.model, ct.tokenizer)

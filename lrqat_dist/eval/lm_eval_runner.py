@@ -6,12 +6,14 @@ data) is added with ``include_path``. The six tasks of the LR-QAT paper are :dat
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # 0-shot average of the LR-QAT paper (Table 1 onwards).
 PAPER_TASKS = ["boolq", "piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]
@@ -58,8 +60,7 @@ def task_manager(tasks: list[str], include_path: str | Path | list[str | Path] |
 
 def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], *,
                 include_path: str | Path | list[str | Path] | None = None, batch_size: int = 1,
-                num_fewshot: int = 0, limit: int | float | None = None, bootstrap_iters: int = 1000,
-                log: Callable[[str], None] | None = None) -> dict:
+                num_fewshot: int = 0, limit: int | float | None = None, bootstrap_iters: int = 1000) -> dict:
     """Evaluate ``model`` (a causal LM, already on its device) on lm-eval ``tasks``.
 
     Returns lm-eval's results dict (``results``, ``n-samples``, ``configs``, ``versions`` ...) minus
@@ -73,9 +74,8 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], *,
         raise ValueError("lm-eval: no tasks given")
     t0 = time.time()
     tm = task_manager(tasks, include_path)
-    if log:
-        log(f"[lm-eval] {', '.join(tasks)} ({num_fewshot}-shot, batch {batch_size}"
-            f"{'' if limit is None else f', limit {limit}'})")
+    logger.info("[lm-eval] %s (%d-shot, batch %d%s)", ", ".join(tasks), num_fewshot, batch_size,
+                "" if limit is None else f", limit {limit}")
     was_training = model.training
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

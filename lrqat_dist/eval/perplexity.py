@@ -7,15 +7,17 @@ has no context). ``ppl = exp(sum NLL / predicted tokens)``, accumulated in float
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,9 +55,9 @@ def tokenize_text(tokenizer, text: str, add_special_tokens: bool = True) -> torc
 
 @torch.no_grad()
 def perplexity_from_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048, batch_size: int = 1,
-                        max_blocks: int | None = None,
-                        log: Callable[[str], None] | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` on the non-overlapping ``seq_len`` blocks of the 1-D token tensor ``ids``."""
+                        max_blocks: int | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` on the non-overlapping ``seq_len`` blocks of the 1-D token tensor ``ids``
+    (progress: about ten INFO records of this module's logger)."""
     if seq_len < 2:
         raise ValueError(f"perplexity: seq_len must be >= 2, got {seq_len}")
     if batch_size < 1:
@@ -84,8 +86,8 @@ def perplexity_from_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048
             total_nll += float(nll.double())
             predicted += batch[:, 1:].numel()
             done = min(start + batch_size, n_blocks)
-            if log is not None and ((start // batch_size + 1) % max(1, n_batches // 10) == 0 or done == n_blocks):
-                log(f"[ppl] {done}/{n_blocks} blocks, running ppl {math.exp(total_nll / predicted):.4f}")
+            if (start // batch_size + 1) % max(1, n_batches // 10) == 0 or done == n_blocks:
+                logger.info("[ppl] %d/%d blocks, running ppl %.4f", done, n_blocks, math.exp(total_nll / predicted))
     finally:
         model.train(was_training)
     nll = total_nll / predicted
@@ -94,8 +96,7 @@ def perplexity_from_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048
 
 
 def text_perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1,
-                    max_blocks: int | None = None, add_special_tokens: bool = True,
-                    log: Callable[[str], None] | None = None) -> PerplexityResult:
+                    max_blocks: int | None = None, add_special_tokens: bool = True) -> PerplexityResult:
     """Tokenize ``text`` once with ``tokenizer`` and run :func:`perplexity_from_ids`."""
     return perplexity_from_ids(model, tokenize_text(tokenizer, text, add_special_tokens), seq_len, batch_size,
-                               max_blocks, log)
+                               max_blocks)

@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("run", "native", "compressed-tensors", "hf")
 
@@ -48,8 +51,8 @@ def detect_kind(path: str | Path) -> str:
 
 
 def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                  step: int | None = None, trainable_file: str | Path | None = None, tokenizer: str | None = None,
-                  log: Callable[[str], None] | None = None) -> EvalModel:
+                  step: int | None = None, trainable_file: str | Path | None = None,
+                  tokenizer: str | None = None) -> EvalModel:
     """Load any of :data:`KINDS` as a plain causal LM in ``dtype`` on ``device`` plus its tokenizer
     (from the model directory, the run's config, or ``tokenizer``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +67,7 @@ def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     if kind == "run":
         from ..export.run import load_run
 
-        run = load_run(p, step=step, trainable_file=trainable_file, log=log)
+        run = load_run(p, step=step, trainable_file=trainable_file, log=logger.info)
         model, tok, desc = materialize(run.model, dtype=dtype).to(dtype), run.tokenizer, run.describe()
     elif kind == "native":
         from ..export.native import load_native
