@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lrqat_dist.memory.planner import (GiB, PRESETS, ModelShape, PlanConfig, max_micro_batch,  # noqa: E402
-                                       plan)
+from lrqat_dist.memory.planner import (METHODS, GiB, PRESETS, ModelShape, PlanConfig,  # noqa: E402
+                                       max_micro_batch, plan)
 
 
 def load_shape(spec: str) -> ModelShape:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", default=None, help="preset name, config.json or HF model directory")
     ap.add_argument("--recipe", default=None, help="training YAML to take the settings from")
-    ap.add_argument("--method", default=None, help="lrqat, peqa, full_qat, lora, rtn (comma list)")
+    ap.add_argument("--method", default=None, help=f"{', '.join(METHODS)} (comma list)")
     ap.add_argument("--phi", "--downcast", dest="phi", default=None,
                     help="Phi0 storage: fixed (Q4.4), bf16, fp16, fp32, int, int-packed (comma list)")
     ap.add_argument("--rank", type=int, default=None)
