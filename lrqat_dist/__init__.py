@@ -6,7 +6,8 @@
     folded = lrqat_dist.fold(model)   # {name: FoldedWeight(codes, scale, zero_point, bits, group_size)}
 """
 from .methods import FoldedWeight, QATConfig, QuantLinear
-from .model import fold, load_causal_lm, materialize, prepare
+from .model import build_prepared_model, fold, load_causal_lm, materialize, prepare
 
 __version__ = "0.1.0"
-__all__ = ["QATConfig", "FoldedWeight", "QuantLinear", "prepare", "fold", "materialize", "load_causal_lm"]
+__all__ = ["QATConfig", "FoldedWeight", "QuantLinear", "prepare", "fold", "materialize", "load_causal_lm",
+           "build_prepared_model"]

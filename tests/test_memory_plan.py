@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
-import os
 import subprocess
 import sys
 import textwrap
