@@ -1,6 +1,7 @@
 """Building the parts a run needs from its config: device, dtype, tokenizer, the prepared model.
 
-:func:`build_model` is the one way to get the model a run trains. The export side calls it too, to
+:func:`build_model` is the one way to get the model a run trains from a run's config: an adapter
+over :func:`lrqat_dist.model.build_prepared_model` (the library's one builder). The export side calls it too, to
 rebuild the frozen buffers (Phi0, s0, zero-points) from the base model, then loads the trainable
 tensors of a checkpoint on top (see docs/config.md, "Checkpoint layout").
 """
