@@ -215,8 +215,8 @@ def test_materialize_keeps_activation_quant_bit_identical():
 
 
 def test_static_learned_scales_train_in_the_scale_group():
-    from lrqat_dist.train.config import TrainConfig
-    from lrqat_dist.train.optim import param_groups
+    from lrqat_dist.engines import TrainConfig
+    from lrqat_dist.engines.optim import param_groups
 
     model = _prepared("llama", "sdpa", {"preset": "a8kv4", "mode": "static"})
     g = torch.Generator().manual_seed(3)
@@ -242,7 +242,7 @@ def test_exports_carry_or_refuse_activation_quant(tmp_path):
     with torch.no_grad():
         want = a8(ids).logits
         weight_only = _prepared("llama", "sdpa")(ids).logits
-    export_model(a8, tmp_path / "ct", "compressed-tensors", log=None)
+    export_model(a8, tmp_path / "ct", "compressed-tensors")
     group = json.loads((tmp_path / "ct/config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     want_args = {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}
     assert {k: group["input_activations"][k] for k in want_args} == want_args
@@ -253,9 +253,9 @@ def test_exports_carry_or_refuse_activation_quant(tmp_path):
     a4kv4 = _prepared("llama", "sdpa", "a4kv4")
     for fmt in ("compressed-tensors", "dequantized"):
         with pytest.raises(ExportRefused, match=r"(?s)cannot express .*A4-KV4-Q4.*--drop-activation-quant"):
-            export_model(a4kv4, tmp_path / fmt, fmt, log=None)
+            export_model(a4kv4, tmp_path / fmt, fmt)
         assert not (tmp_path / fmt).exists()
-    report = export_model(a4kv4, tmp_path / "ct4", "compressed-tensors", drop_activation_quant=True, log=None)
+    report = export_model(a4kv4, tmp_path / "ct4", "compressed-tensors", drop_activation_quant=True)
     side = json.loads((tmp_path / "ct4/lrqat_activations.json").read_text())
     assert side["carried"] == "nothing" and len(side["dropped"]) == 3 and "DROPPED" in report.notes[-1]
     assert json.loads((tmp_path / "ct4/config.json").read_text())["quantization_config"]["config_groups"][
@@ -263,7 +263,7 @@ def test_exports_carry_or_refuse_activation_quant(tmp_path):
 
     with torch.no_grad():
         want4 = a4kv4(ids).logits
-    export_model(a4kv4, tmp_path / "nat", "native", log=None)
+    export_model(a4kv4, tmp_path / "nat", "native")
     assert "lrqat_actq" not in (tmp_path / "nat/config.json").read_text()
     with torch.no_grad():
         assert torch.equal(load_native(tmp_path / "nat")(ids).logits, want4)
@@ -272,7 +272,7 @@ def test_exports_carry_or_refuse_activation_quant(tmp_path):
     calibrate_activations(static, [ids])
     with torch.no_grad():
         want_s = static(ids).logits
-        export_model(static, tmp_path / "nat_s", "native", log=None)
+        export_model(static, tmp_path / "nat_s", "native")
         assert torch.equal(load_native(tmp_path / "nat_s")(ids).logits, want_s)
 
 
@@ -286,7 +286,7 @@ def test_trainer_a8kv4_run_then_eval_applies_activation_quant(tmp_path):
     job = job_dict(tmp_path, quant={"activations": "a8kv4"}, train={"max_steps": 2, "val_every": 0},
                    model={"tokenizer": str(tokenizer)})
     train(config_from_dict(job), resume="none", builders=synthetic_builders())
-    run = load_run(tmp_path, log=None)
+    run = load_run(tmp_path)
     assert run.config.quant.activations.kv_bits == 4
     assert run.model.config._attn_implementation == "lrqat_actq_sdpa"
     ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(5))

@@ -65,7 +65,8 @@ def runs(tmp_path_factory):
 
 
 def _model_with(ckpt: Path, state: dict):
-    from lrqat_dist.export.run import checkpoint_config, load_trainable_
+    from lrqat_dist.checkpoint import load_trainable_
+    from lrqat_dist.export.run import checkpoint_config
     from lrqat_dist.train.build import build_model
 
     model = build_model(checkpoint_config(ckpt), "cpu", torch.float32)
@@ -76,12 +77,12 @@ def _model_with(ckpt: Path, state: dict):
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_consolidated_payload_folds_like_the_live_model(runs, tmp_path, engine):
     from lrqat_dist.export.consolidate import consolidate
-    from lrqat_dist.train.checkpoint import TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.checkpoint import TRAINABLE_FILE, checkpoint_path
 
     ckpt = checkpoint_path(runs / engine, STEPS)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["engine"] == ENGINES[engine]["engine"]
-    report = consolidate(ckpt, tmp_path / "t.safetensors", log=None)  # one process, no process group
+    report = consolidate(ckpt, tmp_path / "t.safetensors")  # one process, no process group
     assert any(TRAINABLE_FILE in c for c in report.checks)  # bit-equal to the live model's gathered tensors
     state = load_file(str(tmp_path / "t.safetensors"))
     zps = {k: v for k, v in state.items() if k.endswith(".zero_point")}
@@ -94,7 +95,7 @@ def test_consolidated_payload_folds_like_the_live_model(runs, tmp_path, engine):
         assert torch.equal(ours[name].codes, fw.codes) and torch.equal(ours[name].scale, fw.scale), name
         assert torch.equal(ours[name].zero_point, fw.zero_point), name
     if engine == "ds3":  # DeepSpeed's saved buffers agree with the ones rebuilt from the base model
-        consolidate(ckpt, tmp_path / "r.safetensors", zero_points="rebuild", log=None)
+        consolidate(ckpt, tmp_path / "r.safetensors", zero_points="rebuild")
         rebuilt = load_file(str(tmp_path / "r.safetensors"))
         assert all(torch.equal(rebuilt[k], v) for k, v in zps.items())
 
@@ -105,7 +106,7 @@ def test_tools_without_trainable_file(runs, tmp_path):
     import importlib.util
 
     from lrqat_dist.export import read_native
-    from lrqat_dist.train.checkpoint import TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.checkpoint import TRAINABLE_FILE, checkpoint_path
 
     def tool(name):
         spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")

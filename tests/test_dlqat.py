@@ -150,16 +150,16 @@ def tiny_dlqat():
 
 def test_export_native_and_dequantized_exact_compressed_tensors_refuses(tiny_dlqat, tmp_path):
     folded = lrqat_dist.fold(tiny_dlqat)
-    report = export_native(tiny_dlqat, tmp_path / "native", verify_load=True, log=None)
+    report = export_native(tiny_dlqat, tmp_path / "native", verify_load=True)
     back = read_native(tmp_path / "native")
     for name, fw in folded.items():
         assert torch.equal(back[name].offset, fw.offset)
         assert torch.equal(back[name].dequantize(), fw.dequantize())
     assert any("offset" in c or "identical" in c for c in report.checks)
-    export_dequantized(tiny_dlqat, tmp_path / "deq", verify_load=True, log=None)
+    export_dequantized(tiny_dlqat, tmp_path / "deq", verify_load=True)
     pytest.importorskip("compressed_tensors")
     with pytest.raises(ExportRefused, match="(?s)float offset.*Use format 'native'"):
-        export_compressed_tensors(tiny_dlqat, tmp_path / "ct", log=None)
+        export_compressed_tensors(tiny_dlqat, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
 
 

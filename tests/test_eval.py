@@ -121,8 +121,8 @@ def test_eval_tool_on_exports_matches_training_model(tmp_path, offline, capsys):
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.normal_(0, 4, generator=torch.Generator().manual_seed(0))
-    export_compressed_tensors(model, tmp_path / "ct", tokenizer=tok, log=None)
-    export_native(model, tmp_path / "native", tokenizer=tok, log=None)
+    export_compressed_tensors(model, tmp_path / "ct", tokenizer=tok)
+    export_native(model, tmp_path / "native", tokenizer=tok)
     (tmp_path / "t.txt").write_text(TEXT)
     want = text_perplexity(model, tok, TEXT, seq_len=64).ppl  # the training-time (prepared) model
 

@@ -64,7 +64,7 @@ def test_compressed_tensors_loads_in_transformers(tmp_path, bits, group_size, sy
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     model = trained_tiny(bits, group_size, symmetric)
-    export_compressed_tensors(model, tmp_path / "ct", log=None)  # checks the files itself (see verify.py)
+    export_compressed_tensors(model, tmp_path / "ct")  # checks the files itself (see verify.py)
 
     # The packed tensors round-trip through the library's own unpacking to our codes / zero-points.
     folded = lrqat_dist.fold(model)
@@ -119,7 +119,7 @@ def test_transformers_default_route_symmetric(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = trained_tiny(4, 32, True)
-    export_compressed_tensors(model, tmp_path / "ct", log=None)
+    export_compressed_tensors(model, tmp_path / "ct")
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
     assert torch.equal(logits(loaded), logits(model))
 
@@ -128,7 +128,7 @@ def test_transformers_default_route_symmetric(tmp_path):
                                                        (8, None, True)])
 def test_native_round_trip_bit_exact(tmp_path, bits, group_size, symmetric):
     model = trained_tiny(bits, group_size, symmetric, tie_word_embeddings=True)
-    export_native(model, tmp_path / "n", tokenizer=TOKENIZER, verify_load=True, log=None)
+    export_native(model, tmp_path / "n", tokenizer=TOKENIZER, verify_load=True)
     back = read_native(tmp_path / "n")
     for name, fw in lrqat_dist.fold(model).items():
         got = back[name]
@@ -157,7 +157,7 @@ def test_dequantized_export_and_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = trained_tiny(4, None, False)
-    report = export_dequantized(model, tmp_path / "d", tokenizer=TOKENIZER, verify_load=True, log=None)
+    report = export_dequantized(model, tmp_path / "d", tokenizer=TOKENIZER, verify_load=True)
     assert "tokenizer saved" in report.notes[0]
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "d"), dtype=torch.float32)
     assert torch.equal(logits(loaded), logits(model))
@@ -169,21 +169,20 @@ def test_dequantized_export_and_tokenizer(tmp_path):
 def test_refusals_name_an_alternative(tmp_path):
     model = trained_tiny(4, 32, True)
     with pytest.raises(ExportRefused, match="scales would be rounded by bfloat16(.|\n)*'native'"):
-        export_compressed_tensors(model, tmp_path / "ct-bf16", dtype="bfloat16", log=None)
+        export_compressed_tensors(model, tmp_path / "ct-bf16", dtype="bfloat16")
     with pytest.raises(ExportRefused, match="would be rounded by float16(.|\n)*'compressed-tensors' or 'native'"):
-        export_dequantized(model, tmp_path / "d-fp16", dtype="float16", log=None)
+        export_dequantized(model, tmp_path / "d-fp16", dtype="float16")
     with pytest.raises(ExportRefused, match="embed_tokens.weight(.|\n)*allow_rounding"):
-        export_native(model, tmp_path / "n-bf16", dtype="bfloat16", log=None)
+        export_native(model, tmp_path / "n-bf16", dtype="bfloat16")
     assert not any(tmp_path.iterdir()), "a refused export left files behind"
 
     # Rounding the model's own scales (explicit, reported) makes a bf16 compressed-tensors export exact.
     assert "rounded" in round_scales_(model, "bfloat16")
-    report = export_compressed_tensors(model, tmp_path / "ct-bf16", dtype="bfloat16", allow_rounding=True,
-                                       log=None)
+    report = export_compressed_tensors(model, tmp_path / "ct-bf16", dtype="bfloat16", allow_rounding=True)
     assert "rounded by the cast to bfloat16" in report.notes[1]
     assert any("(bfloat16) bit for bit" in c for c in report.checks)
     with pytest.raises(FileExistsError):
-        export_compressed_tensors(model, tmp_path / "ct-bf16", dtype="bfloat16", allow_rounding=True, log=None)
+        export_compressed_tensors(model, tmp_path / "ct-bf16", dtype="bfloat16", allow_rounding=True)
 
 
 def test_refuses_bad_zero_points_and_scales(tmp_path):
@@ -191,24 +190,24 @@ def test_refuses_bad_zero_points_and_scales(tmp_path):
     layer = model.model.layers[0].self_attn.q_proj
     layer.zero_point = layer.zero_point.float() + 0.5
     with pytest.raises(ExportRefused, match="q_proj: non-integer zero-point(.|\n)*'dequantized'"):
-        export_compressed_tensors(model, tmp_path / "a", log=None)
+        export_compressed_tensors(model, tmp_path / "a")
     with pytest.raises(ExportRefused, match="non-integer zero-point(.|\n)*'dequantized'"):
-        export_native(model, tmp_path / "b", log=None)
+        export_native(model, tmp_path / "b")
     layer.zero_point = torch.full_like(layer.zero_point, 16, dtype=torch.int32)
     with pytest.raises(ExportRefused, match=r"zero-point outside \[0, 15\]"):
-        export_compressed_tensors(model, tmp_path / "c", log=None)
+        export_compressed_tensors(model, tmp_path / "c")
     layer.zero_point = torch.full_like(layer.zero_point, 8, dtype=torch.int32)
     with torch.no_grad():
         layer.scale[0, 0] = float("nan")
     with pytest.raises(ExportRefused, match="non-finite scale"):
-        export_native(model, tmp_path / "d", log=None)
+        export_native(model, tmp_path / "d")
     assert not any(tmp_path.iterdir())
 
 
 def test_sharded_exports_load(tmp_path):
     model = trained_tiny(4, 32, False)
-    export_compressed_tensors(model, tmp_path / "ct", max_shard_bytes=40_000, log=None)
-    export_native(model, tmp_path / "n", max_shard_bytes=40_000, log=None)
+    export_compressed_tensors(model, tmp_path / "ct", max_shard_bytes=40_000)
+    export_native(model, tmp_path / "n", max_shard_bytes=40_000)
     for d, base in ((tmp_path / "ct", "model"), (tmp_path / "n", "model"), (tmp_path / "n", "quantized")):
         index = json.loads((d / f"{base}.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 1

@@ -42,7 +42,7 @@ GOLDEN: dict[str, dict[str, str]] = {
 def _exact_run(root: Path, quant: dict) -> None:
     """A run directory with one complete checkpoint whose trainable tensors are exact dyadic values."""
     from lrqat_dist.train.build import build_model
-    from lrqat_dist.train.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
     from lrqat_dist.train.config import dump_config, load_config
 
     cfg = load_config(base={
@@ -76,7 +76,7 @@ def _export_hashes(tmp_path: Path, quant: dict) -> dict[str, str]:
     from lrqat_dist.export.run import load_run
 
     _exact_run(tmp_path / "run", quant)
-    run = load_run(tmp_path / "run", log=None)
+    run = load_run(tmp_path / "run")
     out = {}
     for fmt in ("native", "compressed-tensors", "dequantized"):
         export_model(run.model, tmp_path / fmt, fmt, run.tokenizer, dtype="float32")

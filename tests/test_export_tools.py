@@ -1,5 +1,5 @@
 """tools/export.py and tools/eval.py on a training run directory (checkpoint layout of
-lrqat_dist.train.checkpoint, written here directly so the test needs no training run)."""
+lrqat_dist.checkpoint, written here directly so the test needs no training run)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -27,7 +27,7 @@ def _tool(name):
 def fake_run(root: Path, step: int = 7):
     """A run dir with one complete checkpoint whose trainable tensors are those of the returned model."""
     from lrqat_dist.train.build import build_model
-    from lrqat_dist.train.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
     from lrqat_dist.train.config import dump_config, load_config
 
     cfg = load_config(base={

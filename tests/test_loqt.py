@@ -190,10 +190,10 @@ def test_trainer_merges_on_schedule_keeps_adam_state_and_exports_exactly(tmp_pat
     from lrqat_dist.export import export_native, read_native
     from lrqat_dist.export.run import load_run
 
-    run = load_run(tmp_path, log=None)
+    run = load_run(tmp_path)
     for name, lay in lrqat_dist.model.quantized_layers(run.model).items():
         assert torch.equal(lay.qweight, layers[name].qweight) and torch.equal(lay.proj, layers[name].proj)
-    export_native(run.model, tmp_path / "native", log=None)
+    export_native(run.model, tmp_path / "native")
     back = read_native(tmp_path / "native")
     assert all(torch.equal(back[n].dequantize(), folded[n].dequantize()) for n in folded)
     # resume from the step-3 checkpoint restores the merged buffers of step 3 (not the base model's)

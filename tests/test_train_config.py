@@ -95,7 +95,7 @@ def test_deepspeed_config_file_is_completed_and_checked(tmp_path):
 
     cfg = config_from_dict(job_dict(tmp_path, train={"micro_batch_size": 2, "grad_accum": 3},
                                     dist={"engine": "deepspeed", "zero_stage": 3, "offload_optimizer": True}))
-    ds = build_ds_config(cfg, world_size=4, device=torch.device("cpu"))
+    ds = build_ds_config(cfg.train, cfg.dist, world_size=4, device=torch.device("cpu"))
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert ds["gradient_clipping"] == 1.0 and "bf16" not in ds and "optimizer" not in ds
@@ -103,7 +103,7 @@ def test_deepspeed_config_file_is_completed_and_checked(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text('{"zero_optimization": {"stage": 3, "overlap_comm": true}, "train_batch_size": "auto"}')
     cfg.dist.ds_config = str(f)
-    ds = build_ds_config(cfg, world_size=4, device=torch.device("cpu"))
+    ds = build_ds_config(cfg.train, cfg.dist, world_size=4, device=torch.device("cpu"))
     assert ds["zero_optimization"]["overlap_comm"] is True and ds["train_batch_size"] == 24
     for text, message in [('{"train_batch_size": 8}', "train_batch_size=8 disagrees"),
                           ('{"zero_optimization": {"stage": 1}}', "zero_optimization.stage=1 disagrees"),
@@ -111,11 +111,11 @@ def test_deepspeed_config_file_is_completed_and_checked(tmp_path):
                           ('{"optimizer": {"type": "Adam"}}', "remove its 'optimizer' section")]:
         f.write_text(text)
         with pytest.raises(ValueError, match=message):
-            build_ds_config(cfg, world_size=4, device=torch.device("cpu"))
+            build_ds_config(cfg.train, cfg.dist, world_size=4, device=torch.device("cpu"))
 
 
 def test_schedule_shapes(tmp_path):
-    from lrqat_dist.train.optim import lr_factor
+    from lrqat_dist.engines.optim import lr_factor
 
     base = job_dict(tmp_path, train={"max_steps": 100, "warmup_ratio": 0.1})
     linear = lr_factor(config_from_dict(base).train)
@@ -130,7 +130,7 @@ def test_schedule_shapes(tmp_path):
 
 def test_param_groups_split_scales(tmp_path):
     from lrqat_dist.train import build_model
-    from lrqat_dist.train.optim import build_optimizer
+    from lrqat_dist.engines.optim import build_optimizer
 
     cfg = config_from_dict(job_dict(tmp_path))
     model = build_model(cfg)

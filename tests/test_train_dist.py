@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from train_common import job_dict, series, synthetic_builders  # noqa: E402
 
-from lrqat_dist.train import list_checkpoints, read_meta, train  # noqa: E402
+from lrqat_dist.checkpoint import list_checkpoints, read_meta  # noqa: E402
+from lrqat_dist.train import train  # noqa: E402
 from lrqat_dist.train.config import config_from_dict  # noqa: E402
 from test_train_single import TINY_CPU, smollm2_tokenizer  # noqa: E402,F401  (the fixture)
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from train_common import job_dict, series, synthetic_builders  # noqa: E402
 
-from lrqat_dist.train import build_tokenizer, list_checkpoints, load_config, read_meta, read_metrics, train  # noqa: E402
+from lrqat_dist.checkpoint import list_checkpoints, read_meta  # noqa: E402
+from lrqat_dist.train import build_tokenizer, load_config, read_metrics, train  # noqa: E402
 from lrqat_dist.train.config import config_from_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_resume_is_bit_identical(tmp_path, smollm2_tokenizer):
 
 
 def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, monkeypatch, caplog):
-    from lrqat_dist.train import checkpoint as ckpt_mod
+    from lrqat_dist.checkpoint import checkpointer as ckpt_mod
 
     job = job_dict(tmp_path / "run", train={"save_every": 2, "max_steps": 6, "keep_last": 2, "val_every": 0})
     ref = job_dict(tmp_path / "ref", train={"save_every": 0, "max_steps": 6, "val_every": 0})

@@ -14,6 +14,7 @@ two must agree bit for bit. See docs/export.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --out must end with .safetensors", file=sys.stderr)
         return 2
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lrqat_dist.checkpoint import resolve_checkpoint
     from lrqat_dist.export.consolidate import consolidate
-    from lrqat_dist.export.run import resolve_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # the library's progress
 
     try:
         report = consolidate(resolve_checkpoint(args.source, args.step), args.out, zero_points=args.zero_points)

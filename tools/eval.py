@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # e.g. loading a run
+
     t0 = time.time()
     try:
         m = load_for_eval(args.model, dtype=getattr(torch, args.dtype), device=args.device, step=args.step,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lrqat_dist.export import ExportRefused, ExportVerificationError, export_model, round_scales_
     from lrqat_dist.export.run import load_run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # the library's progress
 
     t0 = time.time()
     try:

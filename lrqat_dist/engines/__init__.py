@@ -1,5 +1,8 @@
 """Training engines: one process (``none``), DeepSpeed ZeRO 0-3 (``deepspeed``), FSDP2 (``fsdp2``).
 
+An engine is built from typed config sections (:class:`EngineConfig`: ``train:``, ``dist:``, the
+method's LR windows), resolves its device (:mod:`.env`), owns its optimizer and LR schedule
+(:mod:`.optim`) and writes, restores and reads offline its own checkpoint payload.
 Engine modules are imported on demand, so a single-process run never imports DeepSpeed.
 """
 from __future__ import annotations
@@ -7,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 from .base import Engine, next_token_loss
-from .env import DistEnv
+from .config import DistConfig, EngineConfig, TrainConfig
+from .env import DistEnv, claim_device, resolve_device, resolve_dtype
 
 _ENGINES = {
     "none": ("lrqat_dist.engines.single", "SingleEngine"),
@@ -24,4 +28,5 @@ def get_engine(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Engine", "DistEnv", "get_engine", "next_token_loss"]
+__all__ = ["Engine", "EngineConfig", "TrainConfig", "DistConfig", "DistEnv", "get_engine", "next_token_loss",
+           "claim_device", "resolve_device", "resolve_dtype"]

@@ -5,19 +5,21 @@ Per optimizer step the loop calls :meth:`Engine.forward_backward` ``train.grad_a
 with micro-batch ``m`` and accumulation ``k`` computes the same update as one process with micro-batch
 ``m`` and accumulation ``W * k`` over the same sequences (up to fp32 summation order).
 
-Checkpoint payloads are engine specific (see each engine's ``save``); what is common (trainable
-tensors, data and RNG state, meta.json) is written by :mod:`lrqat_dist.train.checkpoint`.
+Checkpoint payloads are engine specific: each engine writes (``save``), restores (``load``) and reads
+offline (``read_payload_trainable``: one CPU process, no process group) its own; what is common
+(trainable tensors, data and RNG state, meta.json) and the layout are :mod:`lrqat_dist.checkpoint`'s.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EngineConfig
 from .env import DistEnv
 
 
@@ -35,15 +37,18 @@ class Engine(ABC):
     """One process's handle on the model, its optimizer and LR scheduler, however they are sharded."""
 
     name: ClassVar[str]
+    # False: the payload holds optimizer/scheduler state only, and the checkpoint layer restores the
+    # trainable tensors from the full copy it writes for every engine.
+    payload_holds_trainable: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     # --- process setup ------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def setup(cls, cfg: Any) -> DistEnv:
+    def setup(cls, cfg: EngineConfig) -> DistEnv:
         """Join the job (process group, device) before anything else is built."""
 
     # --- training -----------------------------------------------------------------------------
@@ -105,8 +110,20 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, path: Path) -> None:
-        """Restore a payload written by :meth:`save` (plus ``path/trainable.safetensors`` where the
-        engine's own payload does not hold the parameters). Collective."""
+        """Restore a payload written by :meth:`save` under ``path`` (with ``payload_holds_trainable``
+        False, only the optimizer and scheduler). Collective."""
+
+    @classmethod
+    def read_payload_trainable(cls, path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Offline (one CPU process, no process group, whatever world size saved it): the fp32 trainable
+        tensors named in ``meta["trainable"]`` from the payload :meth:`save` wrote under ``path``."""
+        raise ValueError(f"{path}: engine {cls.name!r} keeps no trainable tensors in its payload")
+
+    @classmethod
+    def read_payload_buffers(cls, path: Path, meta: dict[str, Any],
+                             keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """Offline: the model buffers whose names ``keep`` accepts, as the payload under ``path`` saved them."""
+        raise ValueError(f"{path}: engine {cls.name!r} keeps no buffers in its payload")
 
     def close(self) -> None:
         """Release engine resources (process groups are left to the caller)."""

@@ -12,9 +12,11 @@ already in ``train.dtype`` and A, B, s are fp32 Parameters, so DeepSpeed runs it
 they are their own masters and the forward sees the fp32 values (see docs/launch-deepspeed.md).
 
 Checkpoint payload: ``deepspeed/``, DeepSpeed's ``save_checkpoint`` layout (``latest`` + one tag
-directory), frozen parameters excluded. Read the trainable tensors offline with
-``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(<ckpt>/deepspeed)`` (ZeRO 1-3;
-its float casting of buffers does not matter for A, B, s) or use ``trainable.safetensors``.
+directory), frozen parameters excluded. Offline, :func:`deepspeed_trainable` reads the trainable
+tensors back in one CPU process: ZeRO 1-3 merge the fp32 master partitions of the optimizer-state
+shards with ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (its float
+casting of buffers does not matter for A, B, s); ZeRO-0 keeps full parameters in the model-states
+file, which also holds the (integer) buffers as saved (:func:`deepspeed_buffers`).
 """
 from __future__ import annotations
 
@@ -23,16 +25,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 from torch import nn
 
-from ..methods.hooks import group_windows
-from ..train.optim import build_scheduler, param_groups
 from .base import Engine, next_token_loss
+from .config import DistConfig, EngineConfig, TrainConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
+from .optim import build_optimizer, build_scheduler
 
 DS_DIR = "deepspeed"
 
@@ -57,9 +59,8 @@ def _load_file(path: str) -> dict[str, Any]:
     return data
 
 
-def build_ds_config(cfg: Any, world_size: int, device: torch.device) -> dict[str, Any]:
+def build_ds_config(t: TrainConfig, d: DistConfig, world_size: int, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config dict of a run: ``dist.ds_config`` (if any) completed from ``train:``/``dist:``."""
-    t, d = cfg.train, cfg.dist
     base = _load_file(d.ds_config) if d.ds_config else {}
     for key in ("optimizer", "scheduler"):
         if key in base:
@@ -100,7 +101,7 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     @classmethod
-    def setup(cls, cfg: Any) -> DistEnv:
+    def setup(cls, cfg: EngineConfig) -> DistEnv:
         import deepspeed
 
         device = claim_device(cfg.train)
@@ -116,30 +117,27 @@ class DeepSpeedEngine(Engine):
 
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
 
-    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
         import deepspeed
 
         super().__init__(model, cfg, env)
-        self.ds_config = build_ds_config(cfg, env.world_size, env.device)
+        self.ds_config = build_ds_config(cfg.train, cfg.dist, env.world_size, env.device)
         optimizer = self._optimizer(model, cfg)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train, group_windows(cfg.quant)),
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train, cfg.lr_windows),
             dist_init_required=False)
         self.zero_stage = cfg.dist.zero_stage
 
     @staticmethod
-    def _optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-        t = cfg.train
-        groups = param_groups(model, t)
-        kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    def _optimizer(model: nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
         if cfg.dist.ds_optimizer == "torch":
-            return torch.optim.AdamW(groups, foreach=False, **kwargs)
+            return build_optimizer(model, cfg.train)
         # JIT-compiled on first use (minutes); much faster for large trainable sets.
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
         cls = DeepSpeedCPUAdam if cfg.dist.offload_optimizer else FusedAdam
-        return cls(groups, adamw_mode=True, **kwargs)
+        return build_optimizer(model, cfg.train, cls, adamw_mode=True)
 
     @property
     def module(self) -> nn.Module:
@@ -220,3 +218,45 @@ class DeepSpeedEngine(Engine):
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"{path / DS_DIR}: DeepSpeed found no checkpoint to load")
+
+    @classmethod
+    def read_payload_trainable(cls, path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return deepspeed_trainable(path / meta.get("payload", DS_DIR), list(meta["trainable"]),
+                                   meta.get("deepspeed_tag"))
+
+    @classmethod
+    def read_payload_buffers(cls, path: Path, meta: dict[str, Any],
+                             keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        return deepspeed_buffers(path / meta.get("payload", DS_DIR), keep, meta.get("deepspeed_tag"))
+
+
+# --- reading a payload offline (one CPU process, no process group) -------------------------------
+
+def deepspeed_trainable(ds_dir: Path, names: list[str], tag: str | None = None) -> dict[str, torch.Tensor]:
+    """fp32 trainable tensors of a DeepSpeed checkpoint directory (the one holding ``latest``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or (ds_dir / "latest").read_text().strip()
+    if list((ds_dir / tag).glob("*optim_states.pt")):
+        full = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag, exclude_frozen_parameters=True)
+    else:  # ZeRO-0: no partitioned fp32 masters; the model-states file holds the full parameters
+        full = _model_states(ds_dir / tag)["module"]
+    missing = [n for n in names if n not in full]
+    if missing:
+        raise KeyError(f"{ds_dir}: trainable tensors missing from the DeepSpeed checkpoint: {missing[:5]}")
+    return {n: full[n].detach().float().contiguous() for n in names}
+
+
+def _model_states(tag_dir: Path) -> dict:
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed *model_states.pt file")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def deepspeed_buffers(ds_dir: Path, keep: Callable[[str], bool], tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The entries of DeepSpeed's model-states file whose names ``keep`` accepts, as saved (integer
+    buffers untouched)."""
+    tag = tag or (ds_dir / "latest").read_text().strip()
+    module = _model_states(ds_dir / tag)["module"]
+    return {k: v.clone() for k, v in module.items() if keep(k)}

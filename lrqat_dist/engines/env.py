@@ -1,4 +1,5 @@
-"""The process's place in the job: rank, world size, device, and the few collectives the loop needs.
+"""The process's place in the job: rank, world size, device and compute dtype, and the few collectives
+the loop needs.
 
 Launchers (``torchrun``, the ``deepspeed`` launcher, SLURM wrappers) describe the job in the
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); nothing
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..dtypes import DTYPES
+from .config import TrainConfig
+
 
 def launched_world_size() -> int:
     """``WORLD_SIZE`` set by the launcher (1 when started as a plain process)."""
@@ -23,11 +27,31 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def claim_device(train_cfg) -> torch.device:
-    """This process's device from ``train.device`` and LOCAL_RANK, made current when it is a GPU."""
-    from ..train.build import resolve_device  # lazy: lrqat_dist.train imports the engines
+def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
+    """``train.device``: ``auto`` = this process's CUDA device when CUDA is available, else CPU."""
+    kind = train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device: 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
-    device = resolve_device(train_cfg, local_rank())
+
+def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    """``train.dtype`` = compute dtype of the frozen model and activations; ``auto``: bf16 on GPU, fp32 on CPU.
+
+    The trainable tensors (A, B, s) stay fp32 Parameters whatever this is: they are their own masters.
+    """
+    if train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[train.dtype]
+
+
+def claim_device(train: TrainConfig) -> torch.device:
+    """This process's device from ``train.device`` and LOCAL_RANK, made current when it is a GPU."""
+    device = resolve_device(train, local_rank())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device

@@ -7,7 +7,8 @@ their gradients are reduced in fp32 (they are ~1% of the model, so this costs li
 
 Checkpoint payload: ``dcp/``, a torch.distributed.checkpoint of
 ``{"model": trainable parameters only, "optimizer": ..., "scheduler": ...}`` keyed by model names
-(reshardable; read offline with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
+(reshardable). :meth:`FSDP2Engine.read_payload_trainable` reads its ``model.*`` entries offline with
+``no_dist=True`` (no process group; the optimizer state is not read).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from .base import decoder_layers, next_token_loss
+from .config import EngineConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
 from .torch_optim import TorchOptimizerEngine
 
@@ -34,7 +36,7 @@ class FSDP2Engine(TorchOptimizerEngine):
     name = "fsdp2"
 
     @classmethod
-    def setup(cls, cfg: Any) -> DistEnv:
+    def setup(cls, cfg: EngineConfig) -> DistEnv:
         device = claim_device(cfg.train)
         if not dist.is_initialized():
             backend = default_backend(device) if cfg.dist.backend == "auto" else cfg.dist.backend
@@ -42,7 +44,7 @@ class FSDP2Engine(TorchOptimizerEngine):
             dist.init_process_group(backend=backend)
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
 
-    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
         super().__init__(model, cfg, env)
         model.to(env.device)
         self.mesh = init_device_mesh(env.device.type, (env.world_size,))
@@ -100,3 +102,23 @@ class FSDP2Engine(TorchOptimizerEngine):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
         self.scheduler.load_state_dict(state["scheduler"])
+
+    @classmethod
+    def read_payload_trainable(cls, path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return dcp_trainable(path / meta.get("payload", DCP_DIR), list(meta["trainable"]))
+
+
+def dcp_trainable(dcp_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """fp32 trainable tensors (``model.<name>`` entries) of a DCP checkpoint, read without a process group."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(dcp_dir))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {}
+    for n in names:
+        entry = meta.get(f"model.{n}")
+        if not isinstance(entry, TensorStorageMetadata):
+            raise KeyError(f"{dcp_dir}: no tensor 'model.{n}' in the DCP checkpoint")
+        state[n] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    return {n: t.float().contiguous() for n, t in state.items()}

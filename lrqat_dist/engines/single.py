@@ -1,7 +1,8 @@
 """``dist.engine: none``: one process, one device, plain torch.
 
-Checkpoint payload: ``trainable.safetensors`` (written by the checkpoint layer for every engine) and
-``train_state.pt`` = ``{"optimizer": ..., "scheduler": ...}`` state dicts.
+Checkpoint payload: ``train_state.pt`` = ``{"optimizer": ..., "scheduler": ...}`` state dicts; the
+trainable tensors are the full copy the checkpoint layer writes for every engine
+(``payload_holds_trainable = False``: it restores them before :meth:`SingleEngine.load`).
 """
 from __future__ import annotations
 
@@ -9,29 +10,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .base import next_token_loss
+from .config import EngineConfig
 from .env import DistEnv, claim_device, launched_world_size
 from .torch_optim import TorchOptimizerEngine
 
 TRAIN_STATE_FILE = "train_state.pt"
-TRAINABLE_FILE = "trainable.safetensors"
 
 
 class SingleEngine(TorchOptimizerEngine):
     name = "none"
+    payload_holds_trainable = False
 
     @classmethod
-    def setup(cls, cfg: Any) -> DistEnv:
+    def setup(cls, cfg: EngineConfig) -> DistEnv:
         if launched_world_size() > 1:
             raise ValueError(f"dist.engine: 'none' runs one process, but WORLD_SIZE={launched_world_size()}; "
                              "use dist.engine=deepspeed or fsdp2 for several processes")
         device = claim_device(cfg.train)
         return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
 
-    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
         super().__init__(model.to(env.device), cfg, env)
         self._init_optimizer()
 
@@ -49,14 +50,6 @@ class SingleEngine(TorchOptimizerEngine):
         return {"payload": TRAIN_STATE_FILE}
 
     def load(self, path: Path) -> None:
-        tensors = load_file(path / TRAINABLE_FILE)
-        params = dict(self.model.named_parameters())
-        missing = sorted(set(self.trainable_names) - set(tensors))
-        if missing:
-            raise ValueError(f"{path / TRAINABLE_FILE}: missing trainable tensors, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for name in self.trainable_names:
-                params[name].copy_(tensors[name])
         state = torch.load(path / TRAIN_STATE_FILE, map_location=self.env.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

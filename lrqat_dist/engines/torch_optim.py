@@ -1,14 +1,12 @@
 """What the engines that own a plain torch optimizer share (``none`` and ``fsdp2``; DeepSpeed owns its own)."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from ..methods.hooks import group_windows
-from ..train.optim import build_optimizer, build_scheduler
 from .base import Engine, clip_and_norm
+from .config import EngineConfig
 from .env import DistEnv
+from .optim import build_optimizer, build_scheduler
 
 
 class TorchOptimizerEngine(Engine):
@@ -17,13 +15,13 @@ class TorchOptimizerEngine(Engine):
     Subclasses place (and maybe shard) the model first, then call :meth:`_init_optimizer`.
     """
 
-    def __init__(self, model: nn.Module, cfg: Any, env: DistEnv):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
         super().__init__(model, cfg, env)
         self.model = model
 
     def _init_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, group_windows(self.cfg.quant))
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, self.cfg.lr_windows)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
     @property

@@ -10,15 +10,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 KINDS = ("run", "native", "compressed-tensors", "hf")
 
@@ -34,7 +31,7 @@ class EvalModel:
 def detect_kind(path: str | Path) -> str:
     """One of :data:`KINDS` for a local directory; a clear error for anything else."""
     from ..export.native import META_FILE
-    from ..export.run import is_run_or_checkpoint
+    from ..checkpoint import is_run_or_checkpoint
 
     p = Path(path)
     if not p.is_dir():
@@ -67,7 +64,7 @@ def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     if kind == "run":
         from ..export.run import load_run
 
-        run = load_run(p, step=step, trainable_file=trainable_file, log=logger.info)
+        run = load_run(p, step=step, trainable_file=trainable_file)
         model, tok, desc = materialize(run.model, dtype=dtype).to(dtype), run.tokenizer, run.describe()
     elif kind == "native":
         from ..export.native import load_native

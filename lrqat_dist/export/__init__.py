@@ -27,7 +27,8 @@ EXPORTERS = {"compressed-tensors": export_compressed_tensors, "native": export_n
 
 def export_model(model: nn.Module, out_dir: str | Path, format: str, tokenizer=None, **kwargs) -> ExportReport:
     """Export with the named format; ``kwargs`` go to the format's function (``dtype``, ``allow_rounding``,
-    ``verify_load``, ``overwrite``, ``max_shard_bytes``, ``log``)."""
+    ``verify_load``, ``overwrite``, ``max_shard_bytes``, ``drop_activation_quant``). Progress goes to the
+    ``lrqat_dist.export.*`` loggers."""
     if format not in EXPORTERS:
         raise ValueError(f"format: unknown {format!r}; expected one of {', '.join(EXPORTERS)}")
     return EXPORTERS[format](model, out_dir, tokenizer, **kwargs)

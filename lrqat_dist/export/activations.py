@@ -21,9 +21,9 @@ is written without it, the loss is logged, listed in the report's notes and reco
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ from ..methods.act_config import ActQuantConfig
 from ..model.activations import activation_quantizers
 from ..quant.activation import StaticActQuantizer
 from .exactness import ExportRefused
+
+logger = logging.getLogger(__name__)
 
 SIDECAR = "lrqat_activations.json"
 DROP_HINT = ("Pass drop_activation_quant=True (tools/export.py --drop-activation-quant) to export the weights "
@@ -74,7 +76,7 @@ def input_activation_args(cfg: ActQuantConfig | None):
     return QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="token", dynamic=True)
 
 
-def check_carried(fmt: str, cfg: ActQuantConfig | None, drop: bool, log: Callable[[str], None]) -> list[str]:
+def check_carried(fmt: str, cfg: ActQuantConfig | None, drop: bool) -> list[str]:
     """What ``fmt`` loses of ``cfg``; refuses unless ``drop``, else logs it. Returns the lost parts."""
     if cfg is None or fmt == "native":
         return []
@@ -84,7 +86,7 @@ def check_carried(fmt: str, cfg: ActQuantConfig | None, drop: bool, log: Callabl
         raise ExportRefused(f"{fmt}: cannot express this model's activation quantization ({cfg.describe()}):"
                             f"\n  - {listed}\n{DROP_HINT}")
     for part in lost:
-        log(f"[export] WARNING: {fmt} drops activation quantization: {part}")
+        logger.warning("[export] WARNING: %s drops activation quantization: %s", fmt, part)
     return lost
 
 

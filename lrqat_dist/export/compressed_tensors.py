@@ -16,9 +16,9 @@ scale that dtype would round is refused (see :func:`lrqat_dist.export.round_scal
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ from .activations import check_carried, input_activation_args, model_act_config,
 from .exactness import DenseCaster, check_quantized_layers
 from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, save_config,
                      save_tokenizer, staging_dir, unquantized_linears)
-from .verify import Checker, ExportReport, check_dense, check_loaded_model, progress, stderr_log
+from .verify import Checker, ExportReport, check_dense, check_loaded_model, progress
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "compressed-tensors"
 ALTERNATIVE = ("Alternatives: export with dtype float32 (fp32 scales are exact); or call "
@@ -122,8 +124,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
                               dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                               verify_load: bool = False, overwrite: bool = False,
                               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                              drop_activation_quant: bool = False,
-                              log: Callable[[str], None] | None = stderr_log) -> ExportReport:
+                              drop_activation_quant: bool = False) -> ExportReport:
     """Write a prepared (trained) model as a compressed-tensors ``pack-quantized`` HF checkpoint.
 
     Activation quantization: dynamic per-token int8 inputs of the linears are written as the
@@ -141,7 +142,6 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     from compressed_tensors.compressors import ModelCompressor
 
     t0 = time.time()
-    log = log or (lambda msg: None)
     dtype = parse_dtype(dtype)
     layers = quantized_layers(model)
     if not layers:
@@ -149,7 +149,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     check_quantized_layers(layers, FORMAT, dtype, integer_zero_point=True, alternative=ALTERNATIVE)
     names = list(layers)
     act_cfg = model_act_config(model)
-    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant, log)
+    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant)
     qconfig = build_quantization_config(model, {n: layer.spec for n, layer in layers.items()},
                                         input_activation_args(act_cfg))
     cast = DenseCaster(FORMAT, dtype, allow_rounding)
@@ -167,7 +167,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
             if fw.bias is not None:
                 dense[f"{name}.bias"] = cast(f"{name}.bias", fw.bias)
                 writer.add(f"{name}.bias", dense[f"{name}.bias"])
-            progress(log, "packed", i, len(layers))
+            progress(logger, "packed", i, len(layers))
         writer.close()
         save_config(model, stage, dtype)
         ModelCompressor(quantization_config=qconfig).update_config(str(stage))
@@ -177,10 +177,10 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
         if act_note:
             report.notes.append(act_note)
 
-        log(f"[export] verifying {stage}")
+        logger.info("[export] verifying %s", stage)
         report.checks.append(_check_config(stage, model, layers, input_activation_args(act_cfg)))
         report.checks.append(check_dense(stage, dense, extra_ok=lambda k: k.rpartition(".")[0] in layers))
-        report.checks.append(_check_layers(stage, layers, dtype, log))
+        report.checks.append(_check_layers(stage, layers, dtype))
         if verify_load:
             report.checks.append(_check_transformers_load(stage, layers, dense, dtype))
     report.seconds = time.time() - t0
@@ -221,7 +221,7 @@ def _check_config(stage: Path, model: nn.Module, layers: dict, input_activations
                           f"{len(layers)} layers to their grids, {len(linears) - len(layers)} linears ignored")
 
 
-def _check_layers(stage: Path, layers: dict, dtype: torch.dtype, log) -> str:
+def _check_layers(stage: Path, layers: dict, dtype: torch.dtype) -> str:
     files = SafetensorsDir(stage)
     checker = Checker(f"{stage}: quantized layers")
     for i, (name, layer) in enumerate(layers.items()):
@@ -234,7 +234,7 @@ def _check_layers(stage: Path, layers: dict, dtype: torch.dtype, log) -> str:
             checker.tensor(f"{name} zero-point", zp, fw.zero_point)
         checker.tensor(f"{name} scale", tensors["weight_scale"].float(), fw.scale)
         checker.tensor(f"{name} dequantized", decompress_layer(tensors, fw.spec), fw.dequantize().to(dtype))
-        progress(log, "verified", i, len(layers))
+        progress(logger, "verified", i, len(layers))
     return checker.finish(f"{len(layers)} layers: codes/zero-points unpacked with compressed_tensors equal "
                           f"fold(), scales exact, library decompression == fold().dequantize() "
                           f"({dtype_name(dtype)}) bit for bit")

@@ -6,9 +6,9 @@ export is refused unless rounding is allowed (then it is counted in the report).
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -18,7 +18,9 @@ from ..model import quantized_layers
 from .activations import check_carried, model_act_config, write_sidecar
 from .exactness import DENSE_ALTERNATIVE, DenseCaster
 from .hf_dir import DEFAULT_MAX_SHARD_BYTES, ShardWriter, dense_state_dict, save_config, save_tokenizer, staging_dir
-from .verify import ExportReport, check_dense, check_loaded_model, progress, stderr_log
+from .verify import ExportReport, check_dense, check_loaded_model, progress
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "dequantized"
 ALTERNATIVE = ("Alternatives: dtype float32 (exact), or format 'compressed-tensors' or 'native' (integer codes "
@@ -28,8 +30,7 @@ ALTERNATIVE = ("Alternatives: dtype float32 (exact), or format 'compressed-tenso
 def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
                        dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                        verify_load: bool = False, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False,
-                       log: Callable[[str], None] | None = stderr_log) -> ExportReport:
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False) -> ExportReport:
     """Write a prepared (trained) model as a plain HF checkpoint in ``dtype`` (see the module docstring).
 
     The prepared model is not modified. Every tensor is read back and compared bit for bit;
@@ -37,14 +38,13 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
     carries no activation quantization: a model with some is refused unless ``drop_activation_quant``.
     """
     t0 = time.time()
-    log = log or (lambda msg: None)
     dtype = parse_dtype(dtype)
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"{FORMAT}: model has no quantized linears; call lrqat_dist.prepare first")
     names = list(layers)
     act_cfg = model_act_config(model)
-    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant, log)
+    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant)
     cast = DenseCaster(FORMAT, dtype, allow_rounding, ALTERNATIVE)
     report = ExportReport(FORMAT, Path(out_dir), dtype_name(dtype), len(layers))
 
@@ -60,7 +60,7 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
             if fw.bias is not None:
                 expected[f"{name}.bias"] = cast(f"{name}.bias", fw.bias)
                 writer.add(f"{name}.bias", expected[f"{name}.bias"])
-            progress(log, "dequantized", i, len(layers))
+            progress(logger, "dequantized", i, len(layers))
         writer.close()
         save_config(model, stage, dtype)
         act_note = write_sidecar(stage, FORMAT, act_cfg, act_lost)
@@ -69,7 +69,7 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
         report.notes.append(save_tokenizer(tokenizer, stage))
         report.notes.append(cast.log.summary(dtype))
 
-        log(f"[export] verifying {stage}")
+        logger.info("[export] verifying %s", stage)
         report.checks.append(check_dense(stage, expected, label=f"tensors (incl. {len(layers)} weights == "
                                                                 f"fold().dequantize() in {dtype_name(dtype)})"))
         if verify_load:

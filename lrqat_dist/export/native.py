@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,7 +41,9 @@ from .activations import load_static_ranges, model_act_config, static_ranges, wr
 from .exactness import DenseCaster, check_quantized_layers
 from .hf_dir import (DEFAULT_MAX_SHARD_BYTES, SafetensorsDir, ShardWriter, dense_state_dict, save_config,
                      save_tokenizer, staging_dir)
-from .verify import Checker, ExportReport, check_dense, check_loaded_model, progress, stderr_log
+from .verify import Checker, ExportReport, check_dense, check_loaded_model, progress
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "native"
 FORMAT_ID = "lrqat_dist-native"
@@ -50,6 +52,7 @@ META_FILE = "lrqat_native.json"
 QUANT_BASENAME = "quantized"
 ACT_FILE = "activations.safetensors"
 ALTERNATIVE = "Alternative: format 'dequantized' (dense weights s * (q - z) in fp32)."
+
 
 def _storage(spec: QuantSpec, in_features: int) -> str:
     if spec.bits <= 4 and in_features % codes_per_byte(spec.bits) == 0:
@@ -74,8 +77,7 @@ def decode_codes(stored: torch.Tensor, spec: QuantSpec, storage: str) -> torch.T
 def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
                   dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                   verify_load: bool = False, overwrite: bool = False,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False,
-                  log: Callable[[str], None] | None = stderr_log) -> ExportReport:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False) -> ExportReport:
     """Write a prepared (trained) model in the ``native`` format (see the module docstring).
 
     The format carries activation quantization completely (``drop_activation_quant`` is accepted
@@ -86,7 +88,6 @@ def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
     ``fold()``; ``verify_load`` also runs :func:`load_native` and compares every weight.
     """
     t0 = time.time()
-    log = log or (lambda msg: None)
     dtype = parse_dtype(dtype)
     layers = quantized_layers(model)
     if not layers:
@@ -121,7 +122,7 @@ def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
             meta["layers"][name] = {"bits": fw.bits, "group_size": fw.group_size, "symmetric": fw.symmetric,
                                     "shape": list(fw.codes.shape), "storage": storage,
                                     "offset": fw.offset is not None}
-            progress(log, "encoded", i, len(layers))
+            progress(logger, "encoded", i, len(layers))
         quant.close()
         writer = ShardWriter(stage, "model", max_shard_bytes)
         for k, v in dense.items():
@@ -137,7 +138,7 @@ def export_native(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
         report.notes.append(save_tokenizer(tokenizer, stage))
         report.notes.append(cast.log.summary(dtype))
 
-        log(f"[export] verifying {stage}")
+        logger.info("[export] verifying %s", stage)
         report.checks.append(check_dense(stage, dense))
         report.checks.append(_check_layers(stage, layers))
         if verify_load:

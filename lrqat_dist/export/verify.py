@@ -5,7 +5,7 @@ directory is discarded, so a checkpoint that exists on disk has passed its check
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +40,10 @@ def describe_diff(got: torch.Tensor, want: torch.Tensor) -> str:
     return f"{int((diff > 0).sum())} of {got.numel()} values differ (max abs {diff.max().item():.3e})"
 
 
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def progress(log: Callable[[str], None], verb: str, i: int, n: int) -> None:
-    """``[export] <verb> i/n layers`` about every 10% of the layers."""
+def progress(log: logging.Logger, verb: str, i: int, n: int) -> None:
+    """``[export] <verb> i/n layers`` on the caller's logger, about every 10% of the layers."""
     if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
-        log(f"[export] {verb} {i + 1}/{n} layers")
+        log.info("[export] %s %d/%d layers", verb, i + 1, n)
 
 
 @dataclass

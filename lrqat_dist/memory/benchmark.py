@@ -171,15 +171,14 @@ def worker_train(spec: dict) -> dict:
     from . import measure as M
 
     M.exact_malloc()
-    from types import SimpleNamespace
-
     import torch
 
+    from ..engines import EngineConfig, TrainConfig
     from ..engines.env import DistEnv
     from ..engines.single import SingleEngine
     from ..methods import QATConfig
+    from ..methods.hooks import group_windows
     from ..train.build import enable_activation_checkpointing
-    from ..train.config import TrainConfig
 
     torch.manual_seed(0)
     rss0 = M.reset_peak()
@@ -194,7 +193,8 @@ def worker_train(spec: dict) -> dict:
         compile_rebuild(model)
     train = TrainConfig(output_dir="/tmp/bench_memory_unused", max_steps=1000, grad_clip=1.0)
     quant = getattr(model, "qat_config", None) or QATConfig()  # the LoRA reference has none: plain schedule
-    engine = SingleEngine(model, SimpleNamespace(train=train, quant=quant), DistEnv(0, 1, 0, torch.device("cpu")))
+    engine = SingleEngine(model, EngineConfig(train, lr_windows=group_windows(quant)),
+                          DistEnv(0, 1, 0, torch.device("cpu")))
     engine.train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

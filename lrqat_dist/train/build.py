@@ -1,4 +1,5 @@
-"""Building the parts a run needs from its config: device, dtype, tokenizer, the prepared model.
+"""Building the parts a run needs from its config: tokenizer and the prepared model (device and dtype
+are resolved by :mod:`lrqat_dist.engines.env`).
 
 :func:`build_model` is the one way to get the model a run trains from a run's config: an adapter
 over :func:`lrqat_dist.model.build_prepared_model` (the library's one builder). The export side calls it too, to
@@ -16,35 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dtypes import DTYPES
+from ..engines.env import resolve_dtype
 from ..model import build_prepared_model
-from .config import JobConfig, TrainConfig
+from .config import JobConfig
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_CACHE_MARKER = "lrqat_tokenizer_source.json"
-
-
-def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
-    """``train.device``: ``auto`` = this process's CUDA device when CUDA is available, else CPU."""
-    kind = train.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device: 'cuda' requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
-    """``train.dtype`` = compute dtype of the frozen model and activations; ``auto``: bf16 on GPU, fp32 on CPU.
-
-    The trainable tensors (A, B, s) stay fp32 Parameters whatever this is: they are their own masters.
-    """
-    if train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[train.dtype]
 
 
 def resolve_path(spec: str) -> Path:

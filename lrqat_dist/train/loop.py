@@ -20,11 +20,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..checkpoint import (CHECKPOINTS, CONFIG_FILE, TOKENIZER_DIR, Checkpointer, capture_rng, list_checkpoints,
+                          resolve_resume, restore_rng)
 from ..data import build_train_loader, build_val_loader
-from ..engines import DistEnv, Engine, get_engine
-from ..methods.hooks import training_hooks
-from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing, resolve_dtype
-from .checkpoint import CONFIG_FILE, Checkpointer, capture_rng, list_checkpoints, resolve_resume, restore_rng
+from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
+from ..methods.hooks import group_windows, training_hooks
+from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing
 from .config import JobConfig, dump_config, parse_yaml
 from .metrics import MetricsLogger, peak_memory_gb
 from .preemption import PreemptionGuard
@@ -100,18 +101,19 @@ class Trainer:
     def __init__(self, cfg: JobConfig, builders: Builders):
         self.cfg = cfg
         engine_cls = get_engine(cfg.dist.engine)
-        self.env = env = engine_cls.setup(cfg)
+        engine_cfg = EngineConfig(cfg.train, cfg.dist, group_windows(cfg.quant))
+        self.env = env = engine_cls.setup(engine_cfg)
         self.output_dir = Path(cfg.train.output_dir)
         self.config_text = dump_config(cfg)
         self._write_config()
-        self.tokenizer = self._collective_first(lambda: builders.tokenizer(cfg, self.output_dir / "tokenizer"))
+        self.tokenizer = self._collective_first(lambda: builders.tokenizer(cfg, self.output_dir / TOKENIZER_DIR))
         self.dtype = resolve_dtype(cfg.train, env.device)
         model = builders.model(cfg, env.device)
         self._check_same_model(model)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
-        self.engine: Engine = engine_cls(model, cfg, env)
+        self.engine: Engine = engine_cls(model, engine_cfg, env)
         # The method's between-step work (DL-QAT phase switch, LoQT merges), on every rank.
         self.hooks = training_hooks(model, cfg.quant, cfg.train.max_steps)
         self.train_loader = builders.train_loader(cfg, self.tokenizer, env)
@@ -139,7 +141,7 @@ class Trainer:
                 old = parse_yaml(path.read_text()) or {}
                 new = self.cfg.to_dict()
                 changed = [s for s in ("model", "quant") if old.get(s) != new[s]]
-                if changed and (self.output_dir / "checkpoints").is_dir():
+                if changed and (self.output_dir / CHECKPOINTS).is_dir():
                     error = (f"{path}: this output_dir holds a run with a different '{changed[0]}' section; "
                              "use a new train.output_dir")
             if error is None:

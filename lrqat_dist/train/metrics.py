@@ -8,6 +8,7 @@ reads as one continuous run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -87,7 +90,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
         else:
-            print(message, file=sys.stderr, flush=True)
+            logger.info("%s", message)
 
     def close(self) -> None:
         if self._bar is not None:

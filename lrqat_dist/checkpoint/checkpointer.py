@@ -1,21 +1,8 @@
-"""Atomic, resumable checkpoints and their on-disk layout (the contract export reads).
+"""Writing checkpoints atomically during training and restoring them on resume (collective).
 
-    <output_dir>/config.yaml                       resolved config of the run (written at start)
-    <output_dir>/checkpoints/step_<N:08d>/
-        meta.json               step, engine, zero_stage, world_size, trainable names, "complete": true
-                                (written last, after every other file)
-        config.yaml             resolved config the checkpoint was trained with
-        trainable.safetensors   full fp32 trainable tensors (A, B, s ...) keyed by model parameter names,
-                                for every engine: the one file export needs besides the base model
-        trained_buffers.safetensors  only for methods that rewrite buffers (LoQT's merged codes, scales,
-                                P): identical on every rank, written by rank 0, read by resume and export
-        rank_<r:05d>.pt         per rank: data-stream state, RNG states
-        <engine payload>        none: train_state.pt (optimizer, scheduler); deepspeed: deepspeed/
-                                (DeepSpeed save_checkpoint layout); fsdp2: dcp/ (torch.distributed.checkpoint)
-
-A checkpoint is written into ``checkpoints/.tmp_step_<N>`` and renamed into place once complete, so a
-crash mid-save leaves the previous checkpoints untouched; ``resume: auto`` takes the newest directory
-whose meta.json says ``complete`` and warns about any other.
+The layout is :mod:`lrqat_dist.checkpoint.layout`'s; each engine writes and restores its own payload
+(:meth:`lrqat_dist.engines.Engine.save` / ``load``); this module writes what is common to every
+engine (trainable tensors, trained buffers, per-rank data and RNG state, config, meta.json last).
 """
 from __future__ import annotations
 
@@ -34,65 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from ..engines import DistEnv, Engine
 from ..model import load_trained_buffers_, trained_buffer_state
+from .layout import (CHECKPOINTS, CONFIG_FILE, FORMAT, META_FILE, TMP_PREFIX, TRAINABLE_FILE, TRAINED_BUFFERS_FILE,
+                     checkpoint_path, list_checkpoints, rank_file, read_meta, require_meta, tmp_checkpoint_path)
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-META_FILE = "meta.json"
-CONFIG_FILE = "config.yaml"
-TRAINABLE_FILE = "trainable.safetensors"
-TRAINED_BUFFERS_FILE = "trained_buffers.safetensors"
-FORMAT = 1
-_PREFIX, _TMP_PREFIX = "step_", ".tmp_step_"
-
-
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{_PREFIX}{step:08d}"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
-
-
-def read_meta(path: str | Path) -> dict[str, Any] | None:
-    """meta.json of a checkpoint directory if it is complete, else None."""
-    meta_path = Path(path) / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if meta.get("complete") is True else None
-
-
-def list_checkpoints(output_dir: str | Path, warn: bool = True) -> list[tuple[int, Path]]:
-    """Complete checkpoints ``[(step, path)]`` by step; incomplete ones are skipped with a warning."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = []
-    for path in sorted(root.glob(f"{_PREFIX}*")) if root.is_dir() else []:
-        meta = read_meta(path)
-        if meta is None:
-            if warn:
-                logger.warning("skipping incomplete checkpoint %s (no complete meta.json)", path)
-            continue
-        found.append((int(meta["step"]), path))
-    if warn and root.is_dir():
-        for tmp in root.glob(f"{_TMP_PREFIX}*"):
-            logger.warning("ignoring %s: a checkpoint save that never finished", tmp)
-    return sorted(found)
-
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``auto``: newest complete checkpoint of ``output_dir`` (None if there is none); ``none``/None:
-    start fresh; anything else: that checkpoint directory, which must be complete."""
-    if resume in (None, "none", "never"):
-        return None
-    if resume == "auto":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1][1] if ckpts else None
-    path = Path(resume)
-    if read_meta(path) is None:
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (no complete {META_FILE})")
-    return path
 
 
 # --- per-rank state ---------------------------------------------------------------------------
@@ -144,7 +76,7 @@ class Checkpointer:
         final = checkpoint_path(self.output_dir, step)
         if self.env.broadcast_object(read_meta(final) is not None if self.env.is_main else None):
             return final
-        tmp = self.root / f"{_TMP_PREFIX}{step:08d}"
+        tmp = tmp_checkpoint_path(self.output_dir, step)
         t0 = time.perf_counter()
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,16 +116,14 @@ class Checkpointer:
         for _, path in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)
         latest = complete[-1][0] if complete else -1
-        for tmp in self.root.glob(f"{_TMP_PREFIX}*"):
-            if int(tmp.name[len(_TMP_PREFIX):]) < latest:
+        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
+            if int(tmp.name[len(TMP_PREFIX):]) < latest:
                 logger.warning("removing %s, left by an interrupted save", tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, path: Path, engine: Engine) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore ``engine`` from checkpoint ``path``; returns (meta, this rank's state)."""
-        meta = read_meta(path)
-        if meta is None:
-            raise FileNotFoundError(f"{path}: not a complete checkpoint")
+        meta = require_meta(path)
         if meta["engine"] != engine.name:
             raise ValueError(f"{path}: saved by engine {meta['engine']!r}, this run uses {engine.name!r} "
                              f"(set dist.engine={meta['engine']} to resume it)")
@@ -205,6 +135,12 @@ class Checkpointer:
                              f"{getattr(engine, 'zero_stage', None)}")
         if list(meta["trainable"]) != list(engine.trainable_names):
             raise ValueError(f"{path}: its trainable parameters differ from this model's (model/quant changed?)")
+        if not engine.payload_holds_trainable:  # the payload is optimizer state only: the full copy it is
+            saved = load_file(str(path / TRAINABLE_FILE))
+            missing = sorted(set(engine.trainable_names) - set(saved))
+            if missing:
+                raise ValueError(f"{path / TRAINABLE_FILE}: missing trainable tensors, e.g. {missing[:3]}")
+            engine.assign_params({n: saved[n] for n in engine.trainable_names})
         engine.load(path)
         if trained_buffer_state(engine.module):
             load_trained_buffers_(engine.module, load_file(str(path / TRAINED_BUFFERS_FILE)), str(path))

@@ -10,7 +10,7 @@ decay to ``min_lr_ratio`` at ``max_steps`` (or constant).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,11 +36,19 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # foreach=False: the same per-tensor kernels on every engine, so single-process and sharded runs
-    # agree as closely as fp32 allows; the trainable set is small, so the speed cost is negligible.
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=False)
+def build_optimizer(model: nn.Module, cfg: TrainConfig, optimizer_cls: type[torch.optim.Optimizer] | None = None,
+                    **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` with ``train.lr/betas/eps/weight_decay``.
+
+    Default: ``torch.optim.AdamW(foreach=False)``, the same per-tensor kernels on every engine, so
+    single-process and sharded runs agree as closely as fp32 allows (the trainable set is small, so
+    the speed cost is negligible). ``optimizer_cls`` / ``kwargs``: an AdamW-compatible class instead
+    (DeepSpeed's ``FusedAdam`` / ``DeepSpeedCPUAdam`` with ``adamw_mode=True``).
+    """
+    if optimizer_cls is None:
+        optimizer_cls, kwargs = torch.optim.AdamW, {"foreach": False, **kwargs}
+    return optimizer_cls(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                         weight_decay=cfg.weight_decay, **kwargs)
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
