@@ -59,7 +59,8 @@ def _load_file(path: str) -> dict[str, Any]:
     return data
 
 
-def build_ds_config(t: TrainConfig, d: DistConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+def build_ds_config(t: TrainConfig, d: DistConfig, world_size: int,
+                    device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config dict of a run: ``dist.ds_config`` (if any) completed from ``train:``/``dist:``."""
     base = _load_file(d.ds_config) if d.ds_config else {}
     for key in ("optimizer", "scheduler"):

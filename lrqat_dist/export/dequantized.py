@@ -30,7 +30,8 @@ ALTERNATIVE = ("Alternatives: dtype float32 (exact), or format 'compressed-tenso
 def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
                        dtype: str | torch.dtype = torch.float32, allow_rounding: bool = False,
                        verify_load: bool = False, overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, drop_activation_quant: bool = False) -> ExportReport:
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       drop_activation_quant: bool = False) -> ExportReport:
     """Write a prepared (trained) model as a plain HF checkpoint in ``dtype`` (see the module docstring).
 
     The prepared model is not modified. Every tensor is read back and compared bit for bit;
