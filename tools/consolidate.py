@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from lrqat_dist.checkpoint import resolve_checkpoint
     from lrqat_dist.export.consolidate import consolidate
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # the library's progress
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
+    logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # and the library's progress lines
 
     try:
         report = consolidate(resolve_checkpoint(args.source, args.step), args.out, zero_points=args.zero_points)

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # e.g. loading a run
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
+    logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # and the library's progress lines
 
     t0 = time.time()
     try:

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from lrqat_dist.export import ExportRefused, ExportVerificationError, export_model, round_scales_
     from lrqat_dist.export.run import load_run
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # the library's progress
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
+    logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # and the library's progress lines
 
     t0 = time.time()
     try:
