@@ -10,21 +10,15 @@ from __future__ import annotations
 import importlib
 
 from .base import Engine, next_token_loss
-from .config import DistConfig, EngineConfig, TrainConfig
+from .config import ENGINE_CLASSES, DistConfig, EngineConfig, TrainConfig
 from .env import DistEnv, claim_device, resolve_device, resolve_dtype
-
-_ENGINES = {
-    "none": ("lrqat_dist.engines.single", "SingleEngine"),
-    "deepspeed": ("lrqat_dist.engines.deepspeed", "DeepSpeedEngine"),
-    "fsdp2": ("lrqat_dist.engines.fsdp2", "FSDP2Engine"),
-}
 
 
 def get_engine(name: str) -> type[Engine]:
     """The engine class for ``dist.engine``."""
-    if name not in _ENGINES:
-        raise ValueError(f"dist.engine: unknown {name!r}; expected one of {', '.join(_ENGINES)}")
-    module, cls = _ENGINES[name]
+    if name not in ENGINE_CLASSES:
+        raise ValueError(f"dist.engine: unknown {name!r}; expected one of {', '.join(ENGINE_CLASSES)}")
+    module, cls = ENGINE_CLASSES[name]
     return getattr(importlib.import_module(module), cls)
 
 

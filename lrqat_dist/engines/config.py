@@ -12,7 +12,13 @@ from ..dtypes import DTYPES as TORCH_DTYPES
 from ..dtypes import dtype_name
 
 SCHEDULES = ("linear", "cosine", "constant")
-ENGINES = ("none", "deepspeed", "fsdp2")
+# dist.engine -> (module, class); imported on demand, so a single-process run never imports DeepSpeed.
+ENGINE_CLASSES = {
+    "none": ("lrqat_dist.engines.single", "SingleEngine"),
+    "deepspeed": ("lrqat_dist.engines.deepspeed", "DeepSpeedEngine"),
+    "fsdp2": ("lrqat_dist.engines.fsdp2", "FSDP2Engine"),
+}
+ENGINES = tuple(ENGINE_CLASSES)
 # train.dtype: "auto" or a float dtype in its HF spelling (float32, bfloat16, float16)
 DTYPES = ("auto", *(n for n, t in TORCH_DTYPES.items() if n == dtype_name(t)))
 DEVICES = ("auto", "cpu", "cuda")
