@@ -129,8 +129,8 @@ def test_schedule_shapes(tmp_path):
 
 
 def test_param_groups_split_scales(tmp_path):
-    from lrqat_dist.train import build_model
     from lrqat_dist.engines.optim import build_optimizer
+    from lrqat_dist.train import build_model
 
     cfg = config_from_dict(job_dict(tmp_path))
     model = build_model(cfg)
@@ -144,3 +144,36 @@ def test_param_groups_split_scales(tmp_path):
     again = build_model(cfg)
     for (n, a), (_, b) in zip(list(model.state_dict().items()), list(again.state_dict().items())):
         assert torch.equal(a, b), n
+
+
+def test_deepspeed_engine_uses_the_shared_optimizer_builder(tmp_path):
+    """DeepSpeed's torch optimizer (and, with another class, FusedAdam / DeepSpeedCPUAdam) comes from
+    the one builder: same groups, hyper-parameters and kernels as the other engines'."""
+    from lrqat_dist.engines import EngineConfig
+    from lrqat_dist.engines.deepspeed import DeepSpeedEngine
+    from lrqat_dist.engines.optim import build_optimizer
+    from lrqat_dist.train import build_model
+
+    cfg = config_from_dict(job_dict(tmp_path, train={"lr": 3e-3, "scale_lr": 2e-5, "weight_decay": 0.1,
+                                                     "betas": [0.8, 0.9], "eps": 1e-6},
+                                    dist={"engine": "deepspeed", "ds_optimizer": "torch"}))
+    model = build_model(cfg)
+    ds = DeepSpeedEngine._optimizer(model, EngineConfig(cfg.train, cfg.dist))
+    ref = build_optimizer(model, cfg.train)
+    assert type(ds) is torch.optim.AdamW and ds.defaults == ref.defaults and ds.defaults["foreach"] is False
+    assert [{k: v for k, v in g.items() if k != "params"} for g in ds.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in ref.param_groups]
+    assert [[id(p) for p in g["params"]] for g in ds.param_groups] == [[id(p) for p in g["params"]]
+                                                                       for g in ref.param_groups]
+    assert ds.defaults["betas"] == (0.8, 0.9) and ds.defaults["eps"] == 1e-6
+
+    seen = {}
+
+    class AdamLike(torch.optim.AdamW):  # stands in for DeepSpeed's compiled Adam classes
+        def __init__(self, params, adamw_mode, **kwargs):
+            seen.update(adamw_mode=adamw_mode, **kwargs)
+            super().__init__(params, **kwargs)
+
+    other = build_optimizer(model, cfg.train, AdamLike, adamw_mode=True)
+    assert seen == {"adamw_mode": True, "lr": 3e-3, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}
+    assert [g["lr"] for g in other.param_groups] == [3e-3, 2e-5]
