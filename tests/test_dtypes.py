@@ -4,7 +4,7 @@ import torch
 
 from lrqat_dist.dtypes import DTYPES, dtype_bytes, dtype_name, parse_dtype
 from lrqat_dist.memory.planner import DTYPE_BYTES, PlanConfig
-from lrqat_dist.train.config import DTYPES as TRAIN_DTYPES
+from lrqat_dist.engines.config import DTYPES as TRAIN_DTYPES
 
 
 def test_spellings_and_errors():

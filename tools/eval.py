@@ -93,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
-    logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # and the library's progress lines
-
     t0 = time.time()
     try:
         m = load_for_eval(args.model, dtype=getattr(torch, args.dtype), device=args.device, step=args.step,
