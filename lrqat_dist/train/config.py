@@ -5,6 +5,8 @@
 Every section is a dataclass built with :func:`lrqat_dist.typed_config.from_dict`, so an unknown key
 or a wrong type fails at load time with ``section.key: ...``. ``--set a.b.c=VALUE`` overrides are
 applied to the raw mapping first (VALUE parsed as YAML), so they are validated the same way.
+The ``train:`` and ``dist:`` sections are defined next to the engines that run from them
+(:mod:`lrqat_dist.engines.config`); ``data:`` and ``quant:`` next to the data pipeline and the methods.
 """
 from __future__ import annotations
 
