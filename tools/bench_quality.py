@@ -100,9 +100,9 @@ def run_row(setting: str, method: str, args) -> dict:
     import torch
 
     from lrqat_dist import load_causal_lm
-    from lrqat_dist.data.text_sources import default_cache_dir
+    from lrqat_dist.prep.cache import default_cache_dir
     from lrqat_dist.eval.perplexity import text_perplexity
-    from lrqat_dist.model.gguf_import import prepare_smollm2
+    from lrqat_dist.prep.gguf_model import prepare_smollm2
     from lrqat_dist.train import Builders, build_model, build_tokenizer, load_config, train
 
     torch.manual_seed(args.seed)

@@ -14,18 +14,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
-import random
 import sys
-from typing import Iterator, Optional
+from typing import Optional
 
-import zstandard
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lrqat_dist.data.records import Document, SkipCounter, parse_json_line, parse_text  # noqa: E402
-from lrqat_dist.data.sources import CorruptFile, file_format, iter_units, resolve_files  # noqa: E402
+from lrqat_dist.data.slimpajama_writer import SlimPajamaWriter, write_records
+from lrqat_dist.data.units import resolve_files
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -81,89 +76,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-class ShardWriter:
-    """Writes one split as ``chunkN/example_<kind>_K.jsonl.zst`` files."""
-
-    def __init__(self, root: str, kind: str, docs_per_file: int, files_per_chunk: int, level: int):
-        self._root, self._kind = root, kind
-        self._docs_per_file, self._files_per_chunk = docs_per_file, files_per_chunk
-        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._file_no, self._in_file = 0, 0
-        self._fh = None
-        self._writer = None
-        self._tmp = self._final = ""
-        self.docs = 0
-        self.paths: list[str] = []
-
-    def write(self, text: str, set_name: str) -> None:
-        if self._writer is None:
-            self._open()
-        line = json.dumps({"text": text, "meta": {"redpajama_set_name": set_name}}, ensure_ascii=False)
-        self._writer.write(line.encode("utf-8") + b"\n")
-        self._in_file += 1
-        self.docs += 1
-        if self._in_file == self._docs_per_file:
-            self.close()
-
-    def _open(self) -> None:
-        chunk = self._file_no // self._files_per_chunk + 1
-        index = self._file_no % self._files_per_chunk
-        folder = os.path.join(self._root, f"chunk{chunk}")
-        os.makedirs(folder, exist_ok=True)
-        self._final = os.path.join(folder, f"example_{self._kind}_{index}.jsonl.zst")
-        if os.path.exists(self._final):
-            raise FileExistsError(f"{self._final} exists; write to an empty output directory")
-        self._tmp = self._final + ".tmp"
-        self._fh = open(self._tmp, "wb")
-        self._writer = self._cctx.stream_writer(self._fh, closefd=False)
-
-    def close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._fh.close()
-        os.replace(self._tmp, self._final)  # a crash never leaves a truncated shard behind
-        self.paths.append(self._final)
-        self._writer = self._fh = None
-        self._file_no += 1
-        self._in_file = 0
-
-
-def iter_documents(files: list[str], text_unit: str, skips: SkipCounter) -> Iterator[tuple[str, Document]]:
-    for path in files:
-        parse = parse_json_line if file_format(path) == "jsonl" else parse_text
-        try:
-            for _, raw in iter_units(path, text_unit):
-                doc = parse(raw)
-                if doc is None:
-                    continue
-                if isinstance(doc, str):
-                    skips.add(doc, path)
-                    continue
-                yield path, doc
-        except CorruptFile as e:
-            skips.add(e.kind, path, str(e))
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     files = resolve_files(args.inputs, "inputs")
     out = os.path.abspath(args.out)
     if any(f.startswith(out + os.sep) for f in files):
         raise SystemExit(f"error: an input lies inside the output directory {out}")
-    train = ShardWriter(os.path.join(out, "train"), "train", args.docs_per_file, args.files_per_chunk, args.level)
-    holdout = ShardWriter(
+    train = SlimPajamaWriter(os.path.join(out, "train"), "train", args.docs_per_file, args.files_per_chunk,
+                             args.level)
+    holdout = SlimPajamaWriter(
         os.path.join(out, args.holdout_split), "holdout", args.docs_per_file, args.files_per_chunk, args.level
     )
-    rng = random.Random(args.seed)
-    skips = SkipCounter(where="make_shards")
-    for _, doc in iter_documents(files, args.text_unit, skips):
-        name = args.set_name if args.force_set_name or doc.set_name is None else doc.set_name
-        is_holdout = args.holdout_fraction > 0 and rng.random() < args.holdout_fraction
-        (holdout if is_holdout else train).write(doc.text, name)
-    train.close()
-    holdout.close()
-    bad = {k: v for k, v in skips.counts().items() if v}
+    skips = write_records(files, train, holdout, set_name=args.set_name, force_set_name=args.force_set_name,
+                          text_unit=args.text_unit, holdout_fraction=args.holdout_fraction, seed=args.seed,
+                          where="make_shards")
+    bad = {k: v for k, v in skips.items() if v}
     print(f"read {len(files)} input file(s); skipped bad input: {bad or 'none'}")
     print(f"train: {train.docs} documents in {len(train.paths)} file(s) under {os.path.join(out, 'train')}")
     if args.holdout_fraction > 0:
@@ -178,4 +105,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main())

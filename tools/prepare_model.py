@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import time
-from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported after parsing so that --help is instant.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lrqat_dist.model import gguf_import as gi
+    from lrqat_dist.prep import gguf_model as gi
+    from lrqat_dist.prep.cache import SourceUnavailableError
 
     if args.list:
         for name, src in gi.model_sources().items():
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             path = gi.prepare_model(args.source, cache_dir=args.cache_dir, out_dir=args.out_dir,
                                     force=args.force, verify=not args.no_verify)
-    except gi.SourceUnavailableError as e:
+    except SourceUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     marker = gi.read_marker(path) or {}
@@ -69,4 +69,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[prepare_model] %(message)s", stream=sys.stderr)
     sys.exit(main())

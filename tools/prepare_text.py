@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
-import subprocess
+import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCE_NAMES = ["pydoc_topics", "kjv_bible", "debian_handbook", "python_docs"]
+logger = logging.getLogger("prepare_text")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokens", action="store_true", help="skip token counting")
     p.add_argument("--shards", action="store_true",
                    help="also write SlimPajama-layout .jsonl.zst shards to <out-dir>/shards with "
-                        "tools/make_shards.py (train -> train/, held-out -> validation/)")
+                        "the shard writer of tools/make_shards.py (train -> train/, held-out -> validation/)")
     return p
 
 
@@ -54,39 +52,15 @@ def _tokenizer(args, cache_root: Path | None):
 
     path = args.tokenizer
     if path is None:
-        from lrqat_dist.model.gguf_import import model_dir, read_marker
+        from lrqat_dist.prep.gguf_model import model_dir, read_marker
 
         d = model_dir("smollm2-135m", cache_root)
         if read_marker(d) is None:
-            print(f"[prepare_text] no tokenizer: {d} is not prepared (run tools/prepare_model.py or pass "
-                  "--tokenizer); token counts skipped", file=sys.stderr)
+            logger.warning("no tokenizer: %s is not prepared (run tools/prepare_model.py or pass --tokenizer); "
+                           "token counts skipped", d)
             return None
         path = d
     return AutoTokenizer.from_pretrained(path)
-
-
-def _make_shards(out: Path) -> bool:
-    """SlimPajama shards via tools/make_shards.py: it draws its own holdout, so each split is run
-    separately and the held-out files are moved to validation/chunkN/example_holdout_K.jsonl.zst."""
-    tool = REPO / "tools" / "make_shards.py"
-    if not tool.is_file():
-        print(f"[prepare_text] {tool} not found: shards not written (jsonl files are ready)", file=sys.stderr)
-        return False
-    shards = out / "shards"
-    if shards.exists():
-        shutil.rmtree(shards)
-    # Several small files so that multi-rank loaders can split the training data by file.
-    subprocess.run([sys.executable, str(tool), str(shards), str(out / "train.jsonl"), "--docs-per-file", "100"],
-                   check=True, stdout=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        subprocess.run([sys.executable, str(tool), tmp, str(out / "heldout.jsonl"), "--docs-per-file", "100"],
-                       check=True, stdout=sys.stderr)
-        for f in sorted(Path(tmp, "train").rglob("example_train_*.jsonl.zst")):
-            dest = shards / "validation" / f.parent.name / f.name.replace("example_train_", "example_holdout_")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(f), dest)
-    print(f"[prepare_text] shards: {shards}", file=sys.stderr)
-    return True
 
 
 def _print_table(stats: dict) -> None:
@@ -109,28 +83,29 @@ def _print_table(stats: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from lrqat_dist.data import text_sources as ts
+    from lrqat_dist.prep.cache import SourceUnavailableError, default_cache_dir
+    from lrqat_dist.prep.corpus import build_corpus, write_corpus_shards
+    from lrqat_dist.prep.split import DEFAULT_SALT
 
     cache_root = Path(args.cache_dir).expanduser() if args.cache_dir else None
-    default_out = (cache_root or ts.default_cache_dir()) / "text" / "corpus"
+    default_out = (cache_root or default_cache_dir()) / "text" / "corpus"
     out = Path(args.out_dir).expanduser() if args.out_dir else default_out
     t0 = time.time()
     with contextlib.redirect_stdout(sys.stderr):  # library chatter to stderr; the table to stdout
         tok = _tokenizer(args, cache_root)
         try:
-            stats = ts.build_corpus(out, cache_dir=cache_root, sources=args.sources,
-                                    heldout_fraction=args.heldout_fraction,
-                                    salt=args.salt or ts.DEFAULT_SALT, tokenizer=tok)
-        except ts.SourceUnavailableError as e:
+            stats = build_corpus(out, cache_dir=cache_root, sources=args.sources,
+                                 heldout_fraction=args.heldout_fraction, salt=args.salt or DEFAULT_SALT,
+                                 tokenizer=tok)
+        except SourceUnavailableError as e:
             print(f"error: {e}")
             return 2
         shards_ok = True
         if args.shards:
             try:
-                shards_ok = _make_shards(out)
-            except subprocess.CalledProcessError as e:
-                print(f"error: tools/make_shards.py failed ({e}); the jsonl files are ready")
+                logger.info("shards: %s", write_corpus_shards(out))
+            except (RuntimeError, OSError) as e:
+                print(f"error: writing the shards failed ({e}); the jsonl files are ready")
                 shards_ok = False
     check = stats["check"]
     print(f"corpus: {out} ({time.time() - t0:.0f} s)")
@@ -143,4 +118,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[prepare_text] %(message)s", stream=sys.stderr)
     sys.exit(main())

@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lrqat_dist.data.text_sources import build_corpus, default_cache_dir
     from lrqat_dist.eval.perplexity import text_perplexity
     from lrqat_dist.eval.sources import load_for_eval
-    from lrqat_dist.model.gguf_import import prepare_smollm2
+    from lrqat_dist.prep.cache import default_cache_dir
+    from lrqat_dist.prep.gguf_model import prepare_smollm2
     from lrqat_dist.train.build import build_model
     from lrqat_dist.train.config import load_config
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional
 
 from .records import Document, SetSelector, SkipCounter, parse_json_line, parse_record, parse_text
 from .sharding import make_shards, reader_shards
-from .sources import CorruptFile, describe_files, file_format, hf_rows, iter_units, open_hf_stream
+from .units import CorruptFile, describe_files, file_format, hf_rows, iter_units, open_hf_stream
 
 
 class EmptyStreamError(RuntimeError):

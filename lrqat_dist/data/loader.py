@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .records import SKIP_KINDS
-from .sources import describe_files, resolve_files
+from .units import describe_files, resolve_files
 from .stream import ReaderStream, StreamSpec
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 
 from .config import DataConfig
 from .documents import FileDocuments, HFDocuments
-from .packing import TokenPacker
+from .token_packing import TokenPacker
 from .records import Document, SetSelector, SkipCounter
 from .shuffle import ShuffleBuffer, rng_state, set_rng_state
 
