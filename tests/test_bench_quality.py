@@ -1,18 +1,15 @@
 """tools/bench_quality.py: every row is a valid training job, and the table computes the gap honestly."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from lrqat_dist.train import load_config
+from tools import bench_quality as bench
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "tools" / "bench_quality.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 @pytest.mark.parametrize("setting", list(bench.SETTINGS))

@@ -5,8 +5,9 @@ The reference is ``trainable.safetensors``, which the trainer gathers from the l
 save time: the tensors consolidated from the engine payload must equal it bit for bit, and so must
 the folded integer weights built from them. The grid is asymmetric so the zero-points are exercised.
 
-This file is also the torchrun worker: ``torchrun --nproc_per_node 2 tests/test_consolidate.py OUT``.
+The torchrun worker is ``tests/dist/consolidate_worker.py``.
 """
+import importlib
 import json
 import os
 import shutil
@@ -14,41 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from consolidate_worker import ENGINES, STEPS  # tests/dist is on sys.path: pyproject's pythonpath
+from safetensors.torch import load_file
+
+import lrqat_dist
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "dist"))
-from train_common import job_dict, synthetic_builders  # noqa: E402
-
-ENGINES = {"ds2": {"engine": "deepspeed", "zero_stage": 2}, "ds3": {"engine": "deepspeed", "zero_stage": 3},
-           "fsdp2": {"engine": "fsdp2"}}
-STEPS = 2
-QUANT = {"bits": 3, "group_size": 32, "symmetric": False}
-
-
-TOKENIZER = REPO / "tests" / "fixtures" / "lm_eval_task" / "byte_tokenizer"  # copied into exports
-
-
-def job(out: Path, engine: str) -> dict:
-    return job_dict(out, dist=ENGINES[engine], quant=QUANT, model={"tokenizer": str(TOKENIZER)},
-                    train={"max_steps": STEPS, "val_every": 0})
-
-
-def worker(root: Path) -> None:
-    from lrqat_dist.train import train
-    from lrqat_dist.train.config import config_from_dict
-
-    for name in ENGINES:
-        train(config_from_dict(job(root / name, name)), resume="none", builders=synthetic_builders())
-
-
-if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
-    sys.exit(0)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-import lrqat_dist  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +32,9 @@ def runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("consolidate")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = REPO / "tests" / "dist" / "consolidate_worker.py"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        __file__, str(root)], env=env, cwd=REPO, capture_output=True, text=True, timeout=500)
+                        str(worker), str(root)], env=env, cwd=REPO, capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return root
 
@@ -103,16 +78,11 @@ def test_consolidated_payload_folds_like_the_live_model(runs, tmp_path, engine):
 def test_tools_without_trainable_file(runs, tmp_path):
     """A checkpoint that lost trainable.safetensors: consolidate with the tool, export with --trainable;
     tools/export.py on the bare checkpoint reads the FSDP2 payload itself."""
-    import importlib.util
-
     from lrqat_dist.export import read_native
     from lrqat_dist.checkpoint import TRAINABLE_FILE, checkpoint_path
 
     def tool(name):
-        spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+        return importlib.import_module(f"tools.{name}")
 
     reference = {}
     for engine in ("ds2", "fsdp2"):

@@ -1,6 +1,5 @@
 """tools/make_shards.py: text / JSONL -> SlimPajama-layout .jsonl.zst shards."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,10 +17,9 @@ TOOL = os.path.join(ROOT, "tools", "make_shards.py")
 
 @pytest.fixture(scope="module")
 def make_shards():
-    spec = importlib.util.spec_from_file_location("make_shards", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tools import make_shards
+
+    return make_shards
 
 
 def _read(path):

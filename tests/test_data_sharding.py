@@ -5,12 +5,11 @@ import itertools
 
 import numpy as np
 import pytest
-from _data_testlib import make_docs, record, tokenizer, write_jsonl  # noqa: F401
+from _data_testlib import EOS, make_docs, record, tokenizer, write_jsonl  # noqa: F401
 
 from lrqat_dist.data import DataConfig, build_train_loader, build_val_loader
 from lrqat_dist.data.sharding import make_shards, reader_shards
 
-EOS = 2
 SEQ, MBS = 32, 2
 
 

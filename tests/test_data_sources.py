@@ -10,9 +10,9 @@ import zstandard
 from _data_testlib import make_docs, record, tokenizer, write_jsonl  # noqa: F401
 
 from lrqat_dist.data import DataConfig, build_train_loader, build_val_loader
-from lrqat_dist.data import sources
+from lrqat_dist.data import units
 from lrqat_dist.data.documents import EmptyStreamError
-from lrqat_dist.data.sources import iter_units, resolve_files
+from lrqat_dist.data.units import iter_units, resolve_files
 
 # --- resolution ------------------------------------------------------------------------
 
@@ -64,7 +64,7 @@ def test_missing_path_error_from_builders(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("chunk", [3, 17, 1 << 20])
 def test_lines_with_resume_offset_and_small_chunks(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(sources, "_READ_BYTES", chunk)
+    monkeypatch.setattr(units, "_READ_BYTES", chunk)
     recs = [record(f"doc {i} " + "x" * (i % 13)) for i in range(50)]
     # Two zstd frames back to back, as concatenated shards are.
     zc = zstandard.ZstdCompressor()

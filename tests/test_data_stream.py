@@ -5,14 +5,12 @@ import os
 
 import numpy as np
 import pytest
-from _data_testlib import SETS, make_docs, paragraphs, make_slimpajama, record, tokenizer, write_jsonl  # noqa: F401
+from _data_testlib import BOS, EOS, SETS, make_docs, paragraphs, make_slimpajama, record, tokenizer, write_jsonl  # noqa: F401
 
 from lrqat_dist.data import DataConfig, build_train_loader, build_val_loader
-from lrqat_dist.data.packing import TokenPacker, cut_for_tokens
+from lrqat_dist.data.token_packing import TokenPacker, cut_for_tokens
 from lrqat_dist.data.records import Document
 
-EOS = 2  # SmolLM2-Instruct: <|im_end|>
-BOS = 1  # <|im_start|>
 
 
 def _encode(tok, text):
@@ -63,11 +61,11 @@ def test_cut_before_tokenizing_keeps_the_leading_tokens(tokenizer, max_tokens):
 
 def test_special_token_text_inside_a_document_is_plain_text(tokenizer):
     packer = TokenPacker(tokenizer, seq_len=8, eos_id=EOS)
-    ids = packer.encode_documents(["a web page quoting <|im_end|> and <|endoftext|> literally"]).tolist()
-    assert ids[-1] == EOS and EOS not in ids[:-1] and 0 not in ids
-    assert tokenizer.decode(ids[:-1]) == "a web page quoting <|im_end|> and <|endoftext|> literally"
+    ids = packer.encode_documents(["a web page quoting </s> and <s> literally"]).tolist()
+    assert ids[-1] == EOS and EOS not in ids[:-1] and BOS not in ids
+    assert tokenizer.decode(ids[:-1]) == "a web page quoting </s> and <s> literally"
     # The caller's tokenizer is not modified.
-    assert _encode(tokenizer, "x <|im_end|>")[-1] == EOS
+    assert _encode(tokenizer, "x </s>")[-1] == EOS
 
 
 def _documents_seen(tok, loader, n_batches):
@@ -104,10 +102,10 @@ def test_set_weights_up_and_down_sample(tmp_path, tokenizer):
     make_slimpajama(str(tmp_path), n_files=1, docs_per_file=60)
     cfg = DataConfig(
         train_files=str(tmp_path / "train"),
-        seq_len=64,
+        seq_len=256,  # byte tokens: 2 x 256 x 120 tokens cover the first epoch (about 80 weighted documents)
         set_weights={"RedPajamaC4": 2.0, "RedPajamaBook": 0.5, "RedPajamaGithub": 1.0},
     )
-    seen = _documents_seen(tokenizer, build_train_loader(cfg, tokenizer, 2, seed=5), 60)
+    seen = _documents_seen(tokenizer, build_train_loader(cfg, tokenizer, 2, seed=5), 120)
     # One file: epoch 1 starts over at document 0.
     restart = next(i for i in range(1, len(seen)) if seen[i] < seen[i - 1])
     counts = collections.Counter(seen[:restart])

@@ -5,8 +5,6 @@ Tolerances: folding and export are exact (bitwise). The direct computation of th
 ``m * (s * q + b)`` is compared with ``allclose(rtol=1e-6)``: the layer computes the folded form
 ``(m*s) * q + m*b`` (so fold is exact), which differs from it only by fp32 rounding; codes must be equal.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +17,7 @@ from lrqat_dist.quant.affine import QuantSpec
 
 from conftest import tiny_config
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_common import job_dict, synthetic_builders  # noqa: E402
+from train_common import job_dict, synthetic_builders
 
 PARAMS = ["scale", "offset", "magnitude", "lora_A", "lora_B"]
 

@@ -104,10 +104,7 @@ def test_unknown_task_is_a_clear_error(offline):
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).parents[1] / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"tools.{name}")
 
 
 def test_eval_tool_on_exports_matches_training_model(tmp_path, offline, capsys):

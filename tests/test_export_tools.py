@@ -18,10 +18,7 @@ TEXT = "An integer grid, a learned scale and two low-rank factors per layer. " *
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).parents[1] / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"tools.{name}")
 
 
 def fake_run(root: Path, step: int = 7):

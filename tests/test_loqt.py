@@ -8,7 +8,6 @@ Tolerances: a merge changes each weight by at most half a step of its new grid (
 clipping): |W - deq Q(W)| <= s/2 (+1e-6 for fp32 arithmetic). Folding after the final merge is exact.
 """
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,7 @@ from lrqat_dist.methods.hooks import LocalParams, LoQTHooks
 from lrqat_dist.methods.loqt import LoQTLinear, gradient_projection, loqt_update_steps
 from lrqat_dist.quant.affine import dequantize, grouped
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_common import job_dict, synthetic_builders  # noqa: E402
+from train_common import job_dict, synthetic_builders
 
 
 def _layer(out=24, inp=64, bits=4, group_size=None, rank=4, seed=0, error_comp=0, symmetric=True):

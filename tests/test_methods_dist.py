@@ -57,7 +57,6 @@ def test_dlqat_phase_switch(results, engine):
 
 @pytest.fixture(scope="module")
 def single_process_actq_losses(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tests" / "dist"))
     from method_matrix import METHODS, TRAIN
     from train_common import job_dict, synthetic_builders
 

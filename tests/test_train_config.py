@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_common import job_dict  # noqa: E402
+from train_common import job_dict
 
-from lrqat_dist.train.config import apply_override, config_from_dict, load_config, parse_yaml  # noqa: E402
+from lrqat_dist.train.config import apply_override, config_from_dict, load_config, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,12 +73,9 @@ def test_structure_errors(tmp_path):
 
 
 def _launcher():
-    import importlib.util
+    import launch.train  # the repository root is on sys.path: pyproject's pythonpath
 
-    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch/train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launch.train
 
 
 def test_cli_reports_config_errors(capsys):

@@ -22,13 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_common import job_dict, series, synthetic_builders  # noqa: E402
+from train_common import job_dict, series, synthetic_builders
 
-from lrqat_dist.checkpoint import list_checkpoints, read_meta  # noqa: E402
-from lrqat_dist.train import train  # noqa: E402
-from lrqat_dist.train.config import config_from_dict  # noqa: E402
-from test_train_single import TINY_CPU, smollm2_tokenizer  # noqa: E402,F401  (the fixture)
+from lrqat_dist.checkpoint import list_checkpoints, read_meta
+from lrqat_dist.train import train
+from lrqat_dist.train.config import config_from_dict
+from test_train_single import TINY_CPU, smollm2_tokenizer  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ["ds2", "ds3", "ds3off", "fsdp2"]  # ds3off: optimizer state offloaded to CPU memory

@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from train_common import job_dict, series, synthetic_builders  # noqa: E402
+from train_common import job_dict, series, synthetic_builders
 
-from lrqat_dist.checkpoint import list_checkpoints, read_meta  # noqa: E402
-from lrqat_dist.train import build_tokenizer, load_config, read_metrics, train  # noqa: E402
-from lrqat_dist.train.config import config_from_dict  # noqa: E402
+from lrqat_dist.checkpoint import list_checkpoints, read_meta
+from lrqat_dist.train import build_tokenizer, load_config, read_metrics, train
+from lrqat_dist.train.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CPU = REPO / "configs/tiny-cpu.yaml"

@@ -18,15 +18,12 @@ import os
 import platform
 import random
 import re
-import sys
 import tempfile
 import time
 
 import zstandard
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lrqat_dist.data import DataConfig, build_train_loader  # noqa: E402
+from lrqat_dist.data import DataConfig, build_train_loader
 
 SETS = ("RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaBook", "RedPajamaWikipedia")
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from lrqat_dist.memory.benchmark import CASES, add_prediction, bench_case, run_worker
 
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 

@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.online:  # before datasets / huggingface_hub are imported: they read these once
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ[var] = "1"
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
     from lrqat_dist.eval import load_for_eval, paper_average, read_text_files, run_lm_eval, summarize, text_perplexity

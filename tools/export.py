@@ -64,7 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lrqat_dist.export import ExportRefused, ExportVerificationError, export_model, round_scales_
     from lrqat_dist.export.run import load_run
 

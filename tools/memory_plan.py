@@ -22,11 +22,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lrqat_dist.memory.planner import (METHODS, GiB, PRESETS, ModelShape, PlanConfig,  # noqa: E402
-                                       max_micro_batch, plan)
+from lrqat_dist.memory.planner import (METHODS, GiB, PRESETS, ModelShape, PlanConfig, max_micro_batch,
+                                       plan)
 
 
 def load_shape(spec: str) -> ModelShape:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
+
+from ..typed_config import check_fields, from_dict
 
 #: How a ``.txt`` file is split into documents.
 TEXT_UNITS = ("file", "paragraph")
@@ -57,8 +57,7 @@ class DataConfig:
     val_blocks: int = 256
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_type(f"data.{f.name}", getattr(self, f.name), _HINTS[f.name])
+        check_fields(self, "data")
         for name in ("seq_len", "tokenize_batch", "prefetch_factor", "state_every", "val_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
@@ -79,67 +78,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "DataConfig":
-        """Build from a YAML mapping; unknown keys and wrong types raise ``ValueError``."""
-        if d is None:
-            d = {}
-        if not isinstance(d, dict):
-            raise ValueError(f"data: expected a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"data.{key}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        """Build from a YAML mapping; unknown keys and wrong types raise ``ValueError`` naming the key."""
+        return from_dict(cls, d, "data")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict copy, e.g. to log the resolved config."""
         return dataclasses.asdict(self)
-
-
-_HINTS = typing.get_type_hints(DataConfig)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    return "null" if tp is type(None) else tp.__name__
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        k_tp, v_tp = typing.get_args(tp)
-        return isinstance(value, dict) and all(
-            _matches(k, k_tp) and _matches(v, v_tp) for k, v in value.items()
-        )
-    # bool is an int subclass: `seq_len: true` must not pass as 1.
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _check_type(key: str, value: Any, tp: Any) -> None:
-    if not _matches(value, tp):
-        raise ValueError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, list):
-        inner = sorted({type(v).__name__ for v in value})
-        return f"list[{' | '.join(inner)}]" if inner else "list"
-    if value is None:
-        return "null"
-    return type(value).__name__

@@ -13,12 +13,10 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_common import job_dict, synthetic_builders  # noqa: E402
+from train_common import job_dict, synthetic_builders
 
 # name -> (dist section, train section updates). FSDP2 also recomputes its decoder layers in backward
 # (activation checkpointing changes no number, so it is compared with the same reference).

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_common import job_dict, synthetic_builders  # noqa: E402
+from train_common import job_dict, synthetic_builders
 
 ENGINES = {"ds2": {"engine": "deepspeed", "zero_stage": 2}, "ds3": {"engine": "deepspeed", "zero_stage": 3},
            "fsdp2": {"engine": "fsdp2"}}
