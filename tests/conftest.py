@@ -1,6 +1,45 @@
-"""Shared fixtures: tiny random-init models of each supported family, and real pretrained weights."""
+"""Shared fixtures (tiny random-init models of each supported family, real pretrained weights) and the
+test markers, applied here by file / test name so that the test files need no decorators.
+
+``pytest -m fast`` is the inner loop: everything that is not multi-process, does not start a
+subprocess, reads no real model and is not slow (README, "Run the tests"). CI runs everything.
+"""
 import pytest
 import torch
+
+# Whole files that start torchrun / several processes.
+MULTIPROCESS_FILES = {"test_train_dist.py", "test_methods_dist.py", "test_consolidate.py"}
+# Tests that run a tool, Python or dpkg-deb in a child process: (file, test function).
+SUBPROCESS_TESTS = {
+    ("test_data_make_shards.py", "test_help"),
+    ("test_memory_plan.py", "test_peak_measurement_is_exact_on_known_allocations"),
+    ("test_model_build.py", "test_lean_build_host_peak_is_the_bf16_model_plus_one_layer"),
+    ("test_prepare.py", "test_prepare_model_cli_help"),
+    ("test_prepare.py", "test_prepare_text_cli_help"),
+    ("test_prepare.py", "test_fetch_deb_tree_from_local_deb"),
+    ("test_train_single.py", "test_cli_tiny_cpu_preempted_by_sigterm_then_resumed"),
+}
+# Tests that read the real SmolLM2-135M (besides those using the fixtures below).
+REAL_MODEL_TESTS = {("test_prepare.py", "test_real_smollm2_conversion")}
+REAL_MODEL_FIXTURES = {"smollm2_weights", "smollm2_tokenizer"}
+# Single-process tests that take more than a few seconds on 2 CPU cores.
+SLOW_TESTS = {("test_memory_plan.py", "test_planner_within_15_percent_of_a_measured_cpu_step")}
+NOT_FAST = ("multiprocess", "subprocess", "real_model", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        key = (item.path.name, getattr(item, "originalname", item.name))
+        if item.path.name in MULTIPROCESS_FILES:
+            item.add_marker(pytest.mark.multiprocess)
+        if key in SUBPROCESS_TESTS:
+            item.add_marker(pytest.mark.subprocess)
+        if key in REAL_MODEL_TESTS or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
+        if key in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if not any(item.get_closest_marker(m) for m in NOT_FAST):
+            item.add_marker(pytest.mark.fast)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)

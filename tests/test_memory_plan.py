@@ -92,9 +92,8 @@ def test_static_bytes_are_exact(method, downcast, dtype):
 
 def test_peak_measurement_is_exact_on_known_allocations():
     code = textwrap.dedent(f"""
-        import importlib.util, sys, torch
-        spec = importlib.util.spec_from_file_location("m", {str(ROOT / "lrqat_dist/memory/measure.py")!r})
-        M = sys.modules["m"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(M)  # no lrqat_dist import
+        import torch
+        import lrqat_dist.memory.measure as M
         M.exact_malloc()
         x = torch.ones(2**18) + 1; del x  # first op: torch's lazy one-time init (~6 MiB) stays out of the regions
         for mib in (64, 256):

@@ -86,9 +86,8 @@ def test_lean_build_host_peak_is_the_bf16_model_plus_one_layer(tmp_path):
     path = tmp_path / "real-shaped"
     load_causal_lm(config=cfg, dtype=torch.float32, seed=1).save_pretrained(path)
     code = textwrap.dedent(f"""
-        import importlib.util, json, sys, torch
-        spec = importlib.util.spec_from_file_location("m", {str(ROOT / "lrqat_dist/memory/measure.py")!r})
-        M = sys.modules["m"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(M)
+        import json, torch
+        import lrqat_dist.memory.measure as M
         M.exact_malloc()
         x = torch.ones(2**18) + 1; del x
         from lrqat_dist import QATConfig, prepare
