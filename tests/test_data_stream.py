@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from _data_testlib import BOS, EOS, SETS, make_docs, paragraphs, make_slimpajama, record, tokenizer, write_jsonl  # noqa: F401
+from _data_testlib import (BOS, EOS, SETS, make_docs, make_slimpajama, paragraphs, record,  # noqa: F401
+                           smollm2_bpe_tokenizer, tokenizer, write_jsonl)
 
 from lrqat_dist.data import DataConfig, build_train_loader, build_val_loader
 from lrqat_dist.data.token_packing import TokenPacker, cut_for_tokens
@@ -45,17 +46,20 @@ def test_bos_and_truncation(tokenizer):
 
 
 @pytest.mark.parametrize("max_tokens", [5, 16, 64, 100])
-def test_cut_before_tokenizing_keeps_the_leading_tokens(tokenizer, max_tokens):
+def test_cut_before_tokenizing_keeps_the_leading_tokens(smollm2_bpe_tokenizer, max_tokens):
+    # A real BPE with merges: the claim is that no merge crosses the cut (trivial for a byte tokenizer).
+    tokenizer = smollm2_bpe_tokenizer
+    eos = tokenizer.eos_token_id
     paras = paragraphs()
     texts = [" ".join(paras[i : i + 15]) for i in range(0, 180, 15)]
     texts += ["Numbers 1234567 and 8.25e10 " * 200, "word    " * 900, "x" * 5000]
-    packer = TokenPacker(tokenizer, seq_len=8, eos_id=EOS, max_doc_tokens=max_tokens)
+    packer = TokenPacker(tokenizer, seq_len=8, eos_id=eos, max_doc_tokens=max_tokens)
     cut_happened = 0
     for text in texts:
         cut = cut_for_tokens(text, max_tokens)
         cut_happened += cut is not None
         got = packer.encode_documents([text]).tolist()
-        assert got == _encode(tokenizer, text)[:max_tokens] + [EOS]
+        assert got == _encode(tokenizer, text)[:max_tokens] + [eos]
     assert cut_happened >= len(texts) // 2  # the fast path is really taken
 
 
