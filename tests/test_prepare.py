@@ -450,6 +450,19 @@ def test_corpus_shards_are_what_the_make_shards_tool_writes(tmp_path):
     assert sorted(p.name for p in shards.iterdir()) == ["train", "validation"]
 
 
+def test_prepare_text_tool_writes_corpus_and_shards(tmp_path, capsys):
+    from tools import prepare_text
+
+    out = tmp_path / "corpus"
+    assert prepare_text.main(["--sources", "pydoc_topics", "--no-tokens", "--shards", "--out-dir", str(out),
+                              "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "held-out check: OK" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["heldout.jsonl", "heldout.txt", "shards", "stats.json",
+                                                      "train.jsonl"]
+    assert (out / "shards" / "train" / "chunk1" / "example_train_0.jsonl.zst").is_file()
+    assert (out / "shards" / "validation" / "chunk1" / "example_holdout_0.jsonl.zst").is_file()
+
+
 def test_fetchers_use_cached_downloads_and_fail_clearly(tmp_path, monkeypatch):
     from lrqat_dist.prep import text_sources as ts
     from lrqat_dist.prep.cache import SourceUnavailableError
