@@ -8,7 +8,11 @@ from typing import Any
 
 @dataclasses.dataclass
 class CorpusDocument:
-    """One document of the prepared corpus (a page, topic or chapter of a source): ``paragraphs`` are whitespace-normalized; ``text`` joins them with blank lines."""
+    """One document of the prepared corpus (a page, topic or chapter of a source).
+
+    ``paragraphs`` are whitespace-normalized; ``text`` joins them with blank lines. (The streaming
+    pipeline's parsed record is :class:`lrqat_dist.data.records.Document`.)
+    """
 
     source: str
     doc_id: str
