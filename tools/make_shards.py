@@ -3,7 +3,8 @@
 
 Writes ``OUT/train/chunk1/example_train_0.jsonl.zst``, ... and, with a holdout fraction,
 ``OUT/validation/chunk1/example_holdout_0.jsonl.zst``, ... . Each line is
-``{"text": ..., "meta": {"redpajama_set_name": ...}}``. See docs/data.md.
+``{"text": ..., "meta": {"redpajama_set_name": ...}}``. See docs/data.md. The writer is library code,
+:mod:`lrqat_dist.data.slimpajama_writer`; this file is its command line.
 
 Example::
 
