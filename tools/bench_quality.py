@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -234,5 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
+    logging.getLogger("lrqat_dist.prep").setLevel(logging.INFO)  # model / corpus preparation progress
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

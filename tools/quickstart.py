@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -110,4 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
+    logging.getLogger("lrqat_dist.prep").setLevel(logging.INFO)  # model / corpus preparation progress
     sys.exit(main())
