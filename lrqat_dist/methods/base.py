@@ -53,7 +53,7 @@ class _RecomputedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, *params):
         with torch.no_grad():
-            w = module.weight_hat().to(x.dtype)
+            w = module.rebuilt_weight().to(x.dtype)
         ctx.module = module
         ctx.save_for_backward(x)
         return F.linear(x, w, module.cast_bias(x.dtype))
@@ -90,6 +90,9 @@ class QuantLinear(nn.Module):
     """
 
     trained_buffers: tuple[str, ...] = ()
+    # "fast": the method's exact no-autograd backward (methods/fast_backward.py) where it has one;
+    # "autograd": the plain reference path (_RecomputedLinear). Set from QATConfig.backward.
+    backward: str = "fast"
     weight_grad_sink: torch.Tensor | None = None  # when set, backward adds dL/dW [out, in] (fp32) to it
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: torch.Tensor | None, name: str):
@@ -119,6 +122,21 @@ class QuantLinear(nn.Module):
         """Float per-group offset added after scaling (DL-QAT); None for integer grids."""
         return None
 
+    def fast_function(self):
+        """``f(x, module) -> y`` with an exact backward that needs no autograd graph through the
+        weight (see :mod:`lrqat_dist.methods.fast_backward`); None = only the plain path."""
+        return None
+
+    def rebuilt_weight(self) -> torch.Tensor:
+        """:meth:`weight_hat` without autograd, bit for bit (a method may fuse it)."""
+        with torch.no_grad():
+            return self.weight_hat()
+
+    def rebuilt_codes(self) -> torch.Tensor:
+        """:meth:`codes` without autograd, bit for bit (a method may fuse it)."""
+        with torch.no_grad():
+            return self.codes()
+
     # --- shared -------------------------------------------------------------------------------
     @property
     def zero_point_tensor(self) -> torch.Tensor | None:
@@ -134,16 +152,19 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self.trainable_tensors()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            fast = self.fast_function() if self.backward == "fast" else None
+            if fast is not None and self.weight_grad_sink is None and self.gradient_mask() is None:
+                return fast(x, self)
             return _RecomputedLinear.apply(x, self, *params)
         with torch.no_grad():
-            return F.linear(x, self.weight_hat().to(x.dtype), self.cast_bias(x.dtype))
+            return F.linear(x, self.rebuilt_weight().to(x.dtype), self.cast_bias(x.dtype))
 
     @torch.no_grad()
     def fold(self) -> FoldedWeight:
         """The integer checkpoint of this layer; ``fold().dequantize()`` equals :meth:`weight_hat` bitwise."""
         zp, offset = self.zero_point_tensor, self.offset_tensor()
         return FoldedWeight(
-            codes=self.codes().to(torch.int32),
+            codes=self.rebuilt_codes().to(torch.int32),
             scale=self.scale_tensor().detach().float().clone(),
             zero_point=None if zp is None else zp.to(torch.int32).clone(),
             bits=self.spec.bits,

@@ -9,6 +9,7 @@ from ..quant.range_init import RANGE_INITS
 from .act_config import ActQuantConfig
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BACKWARDS = ("fast", "autograd")
 METHOD_NAMES = ("lrqat", "rtn", "peqa", "full_qat", "dlqat", "loqt")
 ADAPTER_INITS = ("lora", "svd")
 
@@ -36,6 +37,8 @@ class QATConfig:
     loqt_tau, loqt_psi: LoQT's merge schedule u_{i+1} = u_i + tau + floor(psi^i), u_0 = 1.
     loqt_error_comp: LoQT error-compensation iterations at each merge (0: B re-initialised to zero).
     loqt_final_merge: LoQT: merge B into the quantized weights after the last step (fold is then exact).
+    backward:    ``fast`` (exact gradients without an autograd graph through the weight, where the
+                 method has them: LR-QAT, PEQA, full QAT) or ``autograd`` (the plain reference path).
     activations: activation / KV-cache quantization (:class:`ActQuantConfig`, a preset name such as
                  ``a8``, ``a8kv4``, ``a4kv4``, or a mapping); None = weight-only.
     """
@@ -60,6 +63,7 @@ class QATConfig:
     loqt_psi: float = 1.2
     loqt_error_comp: int = 0
     loqt_final_merge: bool = True
+    backward: str = "fast"
     activations: ActQuantConfig | str | dict | None = None
 
     def __post_init__(self):
@@ -91,6 +95,8 @@ class QATConfig:
             raise ValueError(f"loqt_psi: expected >= 1 (intervals must not shrink), got {self.loqt_psi!r}")
         if not isinstance(self.loqt_error_comp, int) or self.loqt_error_comp < 0:
             raise ValueError(f"loqt_error_comp: expected an int >= 0, got {self.loqt_error_comp!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward: unknown {self.backward!r}; expected one of {', '.join(BACKWARDS)}")
         self.activations = ActQuantConfig.from_value(self.activations)
 
     @property

@@ -8,6 +8,7 @@ from ..quant.affine import QuantSpec, quantize
 from ..quant.range_init import init_range
 from .base import QuantLinear
 from .config import QATConfig
+from .fast_backward import dense_linear, scale_grad_per_channel, scale_grad_per_group
 
 
 class FrozenCodesLinear(QuantLinear):
@@ -31,6 +32,7 @@ class FrozenCodesLinear(QuantLinear):
             layer.scale.copy_(s0)
             layer.zero_point = z0
             layer.qweight.copy_(quantize(linear.weight.float(), s0, z0, cfg.spec))
+        layer.backward = cfg.backward
         return layer
 
     def codes(self) -> torch.Tensor:
@@ -38,3 +40,13 @@ class FrozenCodesLinear(QuantLinear):
 
     def scale_tensor(self) -> torch.Tensor:
         return self.scale
+
+    def fast_function(self):
+        return dense_linear
+
+    def dense_param_grads(self, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, need: tuple[bool, ...]):
+        """``dL/ds`` of ``s * (q - z)``: per channel from ``x W^T`` (no G), per group from G in chunks."""
+        if not need[0]:
+            return (None,)
+        s = self.scale.detach()
+        return ((scale_grad_per_channel if s.shape[1] == 1 else scale_grad_per_group)(g2, x2, w, s),)

@@ -12,11 +12,12 @@ import math
 import torch
 from torch import nn
 
-from ..quant.affine import QuantSpec, clamp_codes, round_ste, to_codes_domain
+from ..quant.affine import QuantSpec, clamp_codes, round_clamp_dequantize_, round_ste, row_blocks, to_codes_domain
 from ..quant.downcast import Downcast, get_downcast
 from ..quant.range_init import init_range
 from .base import QuantLinear
 from .config import QATConfig
+from .fast_backward import lrqat_linear
 
 
 class LRQATLinear(QuantLinear):
@@ -43,6 +44,7 @@ class LRQATLinear(QuantLinear):
                     cfg.alpha, linear.bias, cfg.train_scale, name)
         layer.to(linear.weight.device)
         layer.init_from_weight(linear.weight, cfg)
+        layer.backward = cfg.backward
         return layer
 
     @torch.no_grad()
@@ -70,6 +72,34 @@ class LRQATLinear(QuantLinear):
 
     def scale_tensor(self) -> torch.Tensor:
         return self.scale
+
+    @torch.no_grad()
+    def fused_rebuild(self, dequant: bool = True, with_mask: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W_hat`` (or the codes, ``dequant=False``) and optionally the clipped mask, without autograd:
+        one ``[out, in]`` fp32 tensor (B@A, overwritten in place row block by row block) plus the mask.
+
+        The same operations as :meth:`codes` + :meth:`weight_hat` in the same order (B@A as one
+        matmul: row-sliced matmuls round differently), so the bits are identical; forward, backward,
+        :meth:`fold` and export all rebuild through here."""
+        pre = torch.matmul(self.lora_B, self.lora_A)
+        clipped = torch.empty(pre.shape, dtype=torch.bool, device=pre.device) if with_mask else None
+        zp = self.zero_point
+        for rows in row_blocks(*pre.shape):
+            blk = pre[rows]
+            blk.mul_(self.scaling).add_(self.downcast.decode(self.phi0[rows]))
+            round_clamp_dequantize_(blk, self.scale[rows], None if zp is None else zp[rows], self.spec,
+                                    None if clipped is None else clipped[rows], dequant)
+        return pre, clipped
+
+    def rebuilt_weight(self) -> torch.Tensor:
+        return self.fused_rebuild()[0]
+
+    def rebuilt_codes(self) -> torch.Tensor:
+        return self.fused_rebuild(dequant=False)[0]
+
+    def fast_function(self):
+        return lrqat_linear
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, phi={self.downcast.name}"

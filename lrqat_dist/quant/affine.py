@@ -103,3 +103,35 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   ste: bool = True) -> torch.Tensor:
     """Quantize-dequantize; gradients flow to ``w`` (STE) and to ``scale`` (LSQ-style)."""
     return dequantize(quantize(w, scale, zero_point, spec, ste=ste), scale, zero_point)
+
+
+# --- the fused, in-place rebuild ----------------------------------------------------------------
+# Elementwise passes over a row block that fits in L2 (256 KiB of fp32) instead of ~10 full-size
+# passes, each its own [out, in] temporary. Elementwise only, so the bits equal the unblocked ops.
+ROW_BLOCK_ELEMS = 1 << 16
+
+
+def row_blocks(out_features: int, in_features: int, elems: int = ROW_BLOCK_ELEMS) -> list[slice]:
+    """Row slices of an ``[out, in]`` weight, each about ``elems`` elements (at least one row)."""
+    rows = max(1, elems // max(1, in_features))
+    return [slice(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
+def round_clamp_dequantize_(pre: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec,
+                            clipped: torch.Tensor | None = None, dequant: bool = True) -> torch.Tensor:
+    """In place on a row block ``pre`` ([rows, in], fp32, real-valued grid positions): the codes
+    ``clip(round(pre))`` (``dequant=False``) or the weight ``s * (codes - z)``; bit-identical to
+    :func:`clamp_codes` of :func:`round_ste` followed by :func:`dequantize` (``round_ste``'s value is
+    exactly ``round``). ``clipped`` (bool, same shape), when given, receives where the rounded code
+    fell outside ``[qmin, qmax]``: the STE passes no gradient there (``torch.clamp``'s rule)."""
+    torch.round(pre, out=pre)
+    if clipped is not None:
+        torch.lt(pre, spec.qmin, out=clipped)
+        clipped.logical_or_(pre > spec.qmax)
+    pre.clamp_(spec.qmin, spec.qmax)
+    if dequant:
+        g = grouped(pre, scale.shape[1])
+        if zero_point is not None:
+            g.sub_(zero_point.unsqueeze(-1).to(scale.dtype))
+        g.mul_(scale.unsqueeze(-1))
+    return pre

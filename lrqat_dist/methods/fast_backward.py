@@ -1,0 +1,213 @@
+"""Exact backward passes that never chain autograd through an ``[out, in]`` weight rebuild.
+
+The plain path (:class:`lrqat_dist.methods.base._RecomputedLinear`, ``QATConfig.backward:
+autograd``) forms ``G = grad_out^T x`` and differentiates the rebuilt weight through ~20 full-size
+autograd nodes. The functions here compute the same gradients (up to fp32 summation order; see
+tests/test_fast_backward.py) from the fused, no-autograd rebuild of the layer:
+
+LR-QAT (``pre = Phi0 + c B A``, ``q = clip(round(pre))``, ``W_hat = s (q - z)``, STE with the
+in-range mask ``M``): ``dL/dpre = G * S * M`` and ``M = 1 - C`` (``C`` clipped):
+
+- the dense part is low-rank: per channel ``dB = c diag(s) g^T (x A^T)``, ``dA = c (B^T diag(s) g^T) x``;
+  per group the same with ``x_g A_g^T`` per group: skinny matmuls only;
+- the correction subtracts the same terms at clipped positions only, with ``G[o, i]`` gathered as
+  ``g[:, o] . x[:, i]`` in chunks (a small fraction of the weight: REFERENCE.md section 7);
+- ``dL/ds`` per channel is ``sum_t g[t, o] y0[t, o] / s[o]`` with ``y0 = x W_hat^T`` (bias-free,
+  recomputed: keeping the forward output would add an activation per linear to the saved memory);
+  per group it needs ``G`` group by group, formed in row chunks and then used for ``A`` and ``B``
+  too (the dense form of the same gradient: no gather needed).
+
+When many weights are clipped (more than :data:`DENSE_CLIPPED_FRACTION`), the gather costs more
+than a matmul and the chunked dense form is used instead. PEQA and full QAT need ``G`` anyway
+(``dL/dW`` is full-rank); they get the chunked dense form without the autograd graph.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.affine import grouped
+
+logger = logging.getLogger(__name__)
+
+DENSE_CLIPPED_FRACTION = 0.05  # above this the gathered correction costs more than the dense G (measured)
+GATHER_CHUNK_ELEMS = 1 << 22  # elements of one [chunk, tokens] gather (16 MiB fp32)
+G_CHUNK_ELEMS = 1 << 22  # elements of one [rows, in] block of G
+
+
+def _g_row_chunks(out_features: int, in_features: int) -> list[slice]:
+    rows = max(1, G_CHUNK_ELEMS // max(1, in_features))
+    return [slice(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
+def _expand(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``[rows, n_groups]`` -> ``[rows, in]`` (a broadcast view where possible)."""
+    rows, ng = per_group.shape
+    return per_group.unsqueeze(-1).expand(rows, ng, in_features // ng).reshape(rows, in_features)
+
+
+def _grad_x(grad_out: torch.Tensor, w: torch.Tensor, x_shape) -> torch.Tensor:
+    return (grad_out @ w.to(grad_out.dtype)).reshape(x_shape)
+
+
+def _gram_block(g2: torch.Tensor, x2: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``G[rows] = g[:, rows]^T x`` in the compute dtype (as the plain path), then fp32."""
+    return (g2[:, rows].t() @ x2).float()
+
+
+# --- LR-QAT ---------------------------------------------------------------------------------------
+
+class _LowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module, lora_a, lora_b, scale):
+        w, _ = module.fused_rebuild()
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return F.linear(x, w.to(x.dtype), module.cast_bias(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        m = ctx.module
+        need_x, _, need_a, need_b, need_s = ctx.needs_input_grad
+        w, clipped = m.fused_rebuild(with_mask=need_a or need_b)
+        grad_x = _grad_x(grad_out, w, x.shape) if need_x else None
+        if not (need_a or need_b or need_s):
+            return grad_x, None, None, None, None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grads = lrqat_param_grads(m, g2, x2, w, clipped, need_a, need_b, need_s)
+        return (grad_x, None, *grads)
+
+
+def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, clipped: torch.Tensor | None,
+                      need_a: bool, need_b: bool, need_s: bool):
+    """(dA, dB, ds) of an LR-QAT layer from ``g2 = grad_out`` [T, out], ``x2`` [T, in], the rebuilt
+    ``w`` and clipped mask; entries not needed are None."""
+    c, s = m.scaling, m.scale.detach()
+    a, b = m.lora_A.detach(), m.lora_B.detach()
+    out_f, in_f = w.shape
+    ng = s.shape[1]
+    n_clipped = int(clipped.sum()) if clipped is not None else 0
+    dense = need_s and ng > 1 or n_clipped > DENSE_CLIPPED_FRACTION * w.numel()
+    if dense:
+        return _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s)
+    gf, xf = g2.float(), x2.float()
+    da = db = ds = None
+    if need_a or need_b:
+        if ng == 1:
+            gs = gf * s[:, 0]  # [T, out]
+            if need_b:
+                db = (gs.t() @ (xf @ a.t())).mul_(c)
+            if need_a:
+                da = ((gs @ b).t() @ xf).mul_(c)
+        else:
+            t, r, gsz = xf.shape[0], a.shape[0], in_f // ng
+            xg = xf.reshape(t, ng, gsz).transpose(0, 1)  # [ng, T, gsz]
+            if need_b:
+                xa = torch.bmm(xg, a.reshape(r, ng, gsz).permute(1, 2, 0))  # [ng, T, r]
+                p = (gf.t() @ xa.transpose(0, 1).reshape(t, ng * r)).reshape(out_f, ng, r)
+                db = (p * s.unsqueeze(-1)).sum(1).mul_(c)
+            if need_a:
+                h = (b.t().unsqueeze(0) * s.t().unsqueeze(1)) @ gf.t()  # [ng, r, T]
+                da = torch.bmm(h, xg).transpose(0, 1).reshape(r, in_f).mul_(c)
+        if n_clipped:
+            _subtract_clipped(gf, xf, s, a, b, c, clipped, da, db)
+    if need_s:  # per channel here (per group went dense): sum_t g * y0 / s
+        y0 = F.linear(x2, w.to(x2.dtype)).float()
+        ds = ((gf * y0).sum(0) / s[:, 0]).unsqueeze(1)
+    return da, db, ds
+
+
+def _subtract_clipped(gf, xf, s, a, b, c, clipped, da, db) -> None:
+    """Remove the dense part's contribution at clipped positions: G there is gathered, chunked."""
+    idx = clipped.nonzero()
+    o, i = idx[:, 0], idx[:, 1]
+    g_t, x_t = gf.t().contiguous(), xf.t().contiguous()  # rows gathered contiguously
+    gsz = clipped.shape[1] // s.shape[1]
+    chunk = max(1, GATHER_CHUNK_ELEMS // max(1, g_t.shape[1]))
+    for k in range(0, o.numel(), chunk):
+        oc, ic = o[k:k + chunk], i[k:k + chunk]
+        gv = (g_t[oc] * x_t[ic]).sum(1)
+        dv = gv.mul_(s[oc, ic // gsz]).mul_(-c)  # -c * s * G at each clipped weight
+        if db is not None:
+            db.index_add_(0, oc, dv.unsqueeze(1) * a.t()[ic])
+        if da is not None:
+            da.t().index_add_(0, ic, dv.unsqueeze(1) * b[oc])
+
+
+def _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s):
+    """The same gradients from ``G`` formed in row chunks (never whole): dpre = G * S * M."""
+    c, s = m.scaling, m.scale.detach()
+    a, b = m.lora_A.detach(), m.lora_B.detach()
+    out_f, in_f = w.shape
+    da = torch.zeros_like(a) if need_a else None
+    db = torch.empty_like(b) if need_b else None
+    ds = torch.empty_like(s) if need_s else None
+    for rows in _g_row_chunks(out_f, in_f):
+        gblk = _gram_block(g2, x2, rows)
+        if need_s:
+            ds[rows] = grouped(gblk * w[rows], s.shape[1]).sum(-1) / s[rows]
+        if need_a or need_b:
+            dpre = gblk.mul_(_expand(s[rows], in_f))
+            if clipped is not None:
+                dpre.masked_fill_(clipped[rows], 0.0)
+            if need_b:
+                db[rows] = (dpre @ a.t()).mul_(c)
+            if need_a:
+                da.add_(b[rows].t() @ dpre, alpha=c)
+    return da, db, ds
+
+
+def lrqat_linear(x: torch.Tensor, module) -> torch.Tensor:
+    return _LowRankLinear.apply(x, module, module.lora_A, module.lora_B, module.scale)
+
+
+# --- PEQA and full QAT: G is needed (dL/dW full-rank, or per-group scales), formed in row chunks ---
+
+class _DenseGradLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        with torch.no_grad():
+            w = module.rebuilt_weight()
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return F.linear(x, w.to(x.dtype), module.cast_bias(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        m = ctx.module
+        need = ctx.needs_input_grad[2:]
+        with torch.no_grad():
+            w = m.rebuilt_weight()
+        grad_x = _grad_x(grad_out, w, x.shape) if ctx.needs_input_grad[0] else None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        return (grad_x, None, *m.dense_param_grads(g2, x2, w, need))
+
+
+def dense_linear(x: torch.Tensor, module) -> torch.Tensor:
+    return _DenseGradLinear.apply(x, module, *module.trainable_tensors())
+
+
+def scale_grad_per_channel(g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``dL/ds`` of ``W = s (q - z)`` per channel without G: ``sum_t g[t, o] (x W^T)[t, o] / s[o]``."""
+    y0 = F.linear(x2, w.to(x2.dtype)).float()
+    return ((g2.float() * y0).sum(0) / s[:, 0]).unsqueeze(1)
+
+
+def scale_grad_per_group(g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``dL/ds`` of ``W = s (q - z)`` per group: ``sum_{i in g} G (q - z)`` with G in row chunks."""
+    ds = torch.empty_like(s)
+    for rows in _g_row_chunks(*w.shape):
+        ds[rows] = grouped(_gram_block(g2, x2, rows) * w[rows], s.shape[1]).sum(-1) / s[rows]
+    return ds
+
+
+def gram_row_chunks(g2: torch.Tensor, x2: torch.Tensor, out_features: int, in_features: int):
+    """Yield ``(rows, G[rows])`` (fp32) for the methods whose gradient needs G itself (full QAT)."""
+    for rows in _g_row_chunks(out_features, in_features):
+        yield rows, _gram_block(g2, x2, rows)
