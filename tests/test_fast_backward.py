@@ -1,0 +1,145 @@
+"""The fast backward (methods/fast_backward.py) against the plain autograd path, and the fused rebuild
+against the unfused weight, bit for bit. Tiny shapes: the whole file runs in seconds."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lrqat_dist import QATConfig
+from lrqat_dist.methods import METHODS, fast_backward
+from lrqat_dist.model.activations import attach_input_quantizer
+from lrqat_dist.quant.activation import DynamicActQuantizer
+from lrqat_dist.quant.affine import to_codes_domain
+
+IN, OUT, RANK, GROUP = 64, 48, 4, 16
+TOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _layer(method: str, seed: int = 0, spread: float = 0.0, **kw):
+    torch.manual_seed(seed)
+    lin = nn.Linear(IN, OUT, bias=True)
+    with torch.no_grad():
+        lin.weight[0, :5] *= 6.0  # outliers: the Lp range clips the rest of their rows' extremes
+    layer = METHODS[method].from_linear(lin, QATConfig(method=method, rank=RANK, **kw), "layer")
+    if method == "lrqat" and spread:
+        with torch.no_grad():  # adapters large enough that c B@A moves codes past the grid ends
+            layer.lora_B.normal_(0.0, spread / (layer.scaling * layer.lora_A.std().item() * RANK**0.5))
+    return layer
+
+
+def _grads(layer, x: torch.Tensor, mode: str):
+    layer.backward = mode
+    for p in layer.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * torch.linspace(-1.0, 2.0, y.shape[-1])).pow(2).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(layer, x):
+    y_ref, gx_ref, ref = _grads(layer, x, "autograd")
+    y, gx, fast = _grads(layer, x, "fast")
+    assert torch.equal(y, y_ref)  # the same rebuilt weight, the same matmul
+    assert set(fast) == set(ref) and ref
+    assert _rel(gx, gx_ref) <= TOL
+    errs = {n: _rel(fast[n], ref[n]) for n in ref}
+    assert max(errs.values()) <= TOL, errs
+    return errs
+
+
+def _clipped_fraction(layer) -> float:
+    _, clipped = layer.fused_rebuild(with_mask=True)
+    return float(clipped.float().mean())
+
+
+def _lrqat_cases():
+    downcasts = ["fp32", "bf16", "fp16", "fixed", "int", "int-packed"]
+    cases = []
+    for i, (bits, group, sym) in enumerate(itertools.product(range(2, 9), (None, GROUP), (True, False))):
+        dc = downcasts[i % len(downcasts)]
+        if dc == "int-packed" and bits > 4:
+            dc = "int"
+        cases.append((bits, group, sym, dc))
+    return cases
+
+
+@pytest.mark.parametrize("path", ["lowrank", "dense"])
+@pytest.mark.parametrize("bits,group,sym,downcast", _lrqat_cases())
+def test_lrqat_gradients_equal_autograd(bits, group, sym, downcast, path, monkeypatch):
+    monkeypatch.setattr(fast_backward, "DENSE_CLIPPED_FRACTION", 1.0 if path == "lowrank" else 0.0)
+    layer = _layer("lrqat", seed=bits, spread=1.0, bits=bits, group_size=group, symmetric=sym, downcast=downcast)
+    frac = _clipped_fraction(layer)
+    assert 0.0 < frac < 0.5, frac  # clipping present (the correction is exercised), not everything
+    _assert_same_grads(layer, torch.randn(2, 7, IN))
+    if group is not None:  # per-group without a trained scale: the low-rank per-group form
+        layer.scale.requires_grad_(False)
+        _assert_same_grads(layer, torch.randn(2, 7, IN))
+
+
+def test_lrqat_gradients_with_activation_quantization():
+    layer = _layer("lrqat", spread=1.0, bits=4)
+    attach_input_quantizer(layer, DynamicActQuantizer(8))
+    assert _clipped_fraction(layer) > 0
+    _assert_same_grads(layer, torch.randn(3, 5, IN))
+
+
+def test_lrqat_gradients_bf16_compute():
+    """bf16 inputs: both paths round differently (the plain one rounds G to bf16), so a looser bound."""
+    layer = _layer("lrqat", spread=1.0, bits=4)
+    x = torch.randn(2, 9, IN).to(torch.bfloat16)
+    _, _, ref = _grads(layer, x, "autograd")
+    _, _, fast = _grads(layer, x, "fast")
+    assert all(fast[n].dtype == torch.float32 for n in fast)  # fp32 masters get fp32 gradients
+    assert max(_rel(fast[n], ref[n]) for n in ref) < 2e-2
+
+
+@pytest.mark.parametrize("group,sym", [(None, True), (None, False), (GROUP, True), (GROUP, False)])
+@pytest.mark.parametrize("method", ["peqa", "full_qat"])
+def test_peqa_and_full_qat_gradients_equal_autograd(method, group, sym):
+    for bits in (2, 3, 4, 8):
+        layer = _layer(method, seed=bits, bits=bits, group_size=group, symmetric=sym)
+        if method == "full_qat":  # clipping present: some weights pushed beyond the range
+            with torch.no_grad():
+                layer.weight[1, :3] *= 50.0
+            r = torch.round(to_codes_domain(layer.weight.detach(), layer.scale.detach(), layer.zero_point))
+            assert bool(((r < layer.spec.qmin) | (r > layer.spec.qmax)).any())
+        _assert_same_grads(layer, torch.randn(2, 6, IN))
+
+
+@pytest.mark.parametrize("downcast", ["fp32", "bf16", "fp16", "fixed", "int", "int-packed"])
+@pytest.mark.parametrize("group,sym", [(None, True), (GROUP, False)])
+def test_fused_rebuild_is_the_unfused_weight_bit_for_bit(downcast, group, sym):
+    layer = _layer("lrqat", spread=1.0, bits=4, group_size=group, symmetric=sym, downcast=downcast)
+    w, clipped = layer.fused_rebuild(with_mask=True)
+    assert torch.equal(w, layer.weight_hat().detach())
+    assert torch.equal(layer.fused_rebuild(dequant=False)[0], layer.codes().detach())
+    assert torch.equal(layer.fold().dequantize(), w)
+    pre = layer.downcast.decode(layer.phi0) + layer.scaling * (layer.lora_B @ layer.lora_A)
+    r = torch.round(pre.detach())
+    assert torch.equal(clipped, (r < layer.spec.qmin) | (r > layer.spec.qmax)) and bool(clipped.any())
+
+
+def test_fused_rebuild_uses_row_blocks(monkeypatch):
+    """Several row blocks (tiny block size) give the same bits as one."""
+    layer = _layer("lrqat", spread=1.0, bits=3, group_size=GROUP)
+    whole = layer.fused_rebuild()[0]
+    import lrqat_dist.methods.lrqat as lrqat_mod
+    from lrqat_dist.quant import affine
+    monkeypatch.setattr(lrqat_mod, "row_blocks", lambda o, i: affine.row_blocks(o, i, elems=3 * IN))
+    assert len(affine.row_blocks(OUT, IN, elems=3 * IN)) == OUT // 3
+    assert torch.equal(layer.fused_rebuild()[0], whole)
+
+
+def test_backward_switch_from_config_and_validation():
+    lin = nn.Linear(IN, OUT)
+    assert METHODS["lrqat"].from_linear(lin, QATConfig(backward="autograd", rank=RANK), "l").backward == "autograd"
+    with pytest.raises(ValueError, match="backward"):
+        QATConfig(backward="fastest")
