@@ -51,7 +51,7 @@ CASES: dict[str, dict[str, Any]] = {
                          methods=["lora", "lrqat-fixed", "peqa", "full_qat"]),
     # the test suite's case: a vocabulary small enough that the loss is not the peak (seconds per method)
     "test": dict(model={"hidden": 512, "intermediate": 2048, "layers": 2, "heads": 8, "kv_heads": 2,
-                        "vocab": 2048, "name": "test-2l"}, batch=2, seq=256, dtype="fp32",
+                        "vocab": 512, "name": "test-2l"}, batch=2, seq=256, dtype="fp32",
                  methods=["lrqat-fixed"]),
     "small": dict(model={"hidden": 512, "intermediate": 1376, "layers": 2, "heads": 8, "kv_heads": 2,
                          "vocab": 8192, "name": "small-2l"}, batch=4, seq=256, dtype="fp32",

@@ -33,7 +33,8 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
   that is 393 MB per sequence; SmolLM2 (V = 49152) at 4 x 256 tokens, 604 MB.
 * **temporaries**: rebuilding one layer's weight makes ``[out, in]`` fp32 temporaries; measured (RSS
   high-water mark, one 11008 x 4096 layer) in units of ``4*out*in`` bytes of the largest linear:
-  LR-QAT forward 4 (3 with fp32 Phi0), backward 6; PEQA 2 / 4; full QAT 3 / 6; LoRA 0 / 0;
+  LR-QAT forward 1, backward 1.25 (W_hat + its clipped mask; fused rebuild and exact backward,
+  issue 14); PEQA 2 / 2; full QAT 3 / 2; LoRA 0 / 0 (the plain autograd path held 4 / 6, 2 / 4, 3 / 6);
   +0.5 in backward when the compute dtype is 16-bit (the weight cast). Plus the activation
   gradients flowing through one layer in backward (``e*N*(2*i + 2*h)``).
 * **engine**: ZeRO 1-3 and FSDP2 shard the optimizer state; ZeRO 2-3 and FSDP2 the gradients;
@@ -70,7 +71,10 @@ DTYPE_BYTES = {name: t.itemsize for name, t in DTYPES.items()}  # both spellings
 
 # [out, in] fp32 temporaries of one layer's weight rebuild, in units of 4*out*in bytes (measured:
 # tools/bench_memory.py --temporaries; forward, backward). The backward count includes the forward's.
-TEMPORARIES = {"lrqat": (4.0, 6.0), "peqa": (2.0, 4.0), "full_qat": (3.0, 6.0), LORA: (0.0, 0.0), "rtn": (2.0, 0.0)}
+# With the fused rebuild and the exact backward (methods/fast_backward.py; issue 14) LR-QAT holds W_hat
+# plus its clipped mask (1 byte), PEQA W_hat and its codes, full QAT chunk-sized pieces of G only.
+# The plain autograd path (QATConfig.backward: autograd) held (4, 6), (2, 4) and (3, 6).
+TEMPORARIES = {"lrqat": (1.0, 1.25), "peqa": (2.0, 2.0), "full_qat": (3.0, 2.0), LORA: (0.0, 0.0), "rtn": (2.0, 0.0)}
 # The methods planned: the registry's (lrqat_dist.methods.METHODS) that have a cost model here, and the
 # plain-LoRA reference. Registry methods without one (DL-QAT, LoQT) are refused by name, not as unknown.
 METHODS = (*(m for m in QAT_METHODS if m in TEMPORARIES), LORA)
@@ -451,8 +455,6 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     t_fwd, t_bwd = TEMPORARIES[cfg.method]
     if e == 2 and cfg.method not in (LORA, "rtn"):
         t_bwd += 0.5
-    if cfg.method == "lrqat" and cfg.downcast.lower() == "fp32":
-        t_fwd -= 1.0
     # activation gradients alive while the largest linear's weight is rebuilt in backward: the
     # layer's output gradient and the linear's input gradient
     act_grads = e * tokens * (shape.intermediate + shape.hidden) if training else 0.0

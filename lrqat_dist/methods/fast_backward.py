@@ -12,8 +12,9 @@ in-range mask ``M``): ``dL/dpre = G * S * M`` and ``M = 1 - C`` (``C`` clipped):
   per group the same with ``x_g A_g^T`` per group: skinny matmuls only;
 - the correction subtracts the same terms at clipped positions only, with ``G[o, i]`` gathered as
   ``g[:, o] . x[:, i]`` in chunks (a small fraction of the weight: REFERENCE.md section 7);
-- ``dL/ds`` per channel is ``sum_t g[t, o] y0[t, o] / s[o]`` with ``y0 = x W_hat^T`` (bias-free,
-  recomputed: keeping the forward output would add an activation per linear to the saved memory);
+- ``dL/ds`` per channel is ``sum_t g[t, o] y0[t, o] / s[o]`` with ``y0 = x W_hat^T`` (``y`` without
+  the bias, recomputed: keeping the forward output would add an activation per linear to the saved
+  memory, which the planner and tests/test_memory_plan.py pin);
   per group it needs ``G`` group by group, formed in row chunks and then used for ``A`` and ``B``
   too (the dense form of the same gradient: no gather needed).
 
@@ -37,8 +38,8 @@ GATHER_CHUNK_ELEMS = 1 << 22  # elements of one [chunk, tokens] gather (16 MiB f
 G_CHUNK_ELEMS = 1 << 22  # elements of one [rows, in] block of G
 
 
-def _g_row_chunks(out_features: int, in_features: int) -> list[slice]:
-    rows = max(1, G_CHUNK_ELEMS // max(1, in_features))
+def _g_row_chunks(out_features: int, in_features: int, elems: int = G_CHUNK_ELEMS) -> list[slice]:
+    rows = max(1, elems // max(1, in_features))
     return [slice(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
 
 
@@ -90,7 +91,7 @@ def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, cl
     a, b = m.lora_A.detach(), m.lora_B.detach()
     out_f, in_f = w.shape
     ng = s.shape[1]
-    n_clipped = int(clipped.sum()) if clipped is not None else 0
+    n_clipped = int(torch.count_nonzero(clipped)) if clipped is not None else 0  # .sum() would widen to int64
     dense = need_s and ng > 1 or n_clipped > DENSE_CLIPPED_FRACTION * w.numel()
     if dense:
         return _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s)
@@ -115,9 +116,8 @@ def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, cl
                 da = torch.bmm(h, xg).transpose(0, 1).reshape(r, in_f).mul_(c)
         if n_clipped:
             _subtract_clipped(gf, xf, s, a, b, c, clipped, da, db)
-    if need_s:  # per channel here (per group went dense): sum_t g * y0 / s
-        y0 = F.linear(x2, w.to(x2.dtype)).float()
-        ds = ((gf * y0).sum(0) / s[:, 0]).unsqueeze(1)
+    if need_s:  # per channel here (per group went dense): sum_t g * (x (q - z)^T)
+        ds = scale_grad_per_channel(g2, x2, w, s)
     return da, db, ds
 
 
@@ -149,7 +149,7 @@ def _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s):
     for rows in _g_row_chunks(out_f, in_f):
         gblk = _gram_block(g2, x2, rows)
         if need_s:
-            ds[rows] = grouped(gblk * w[rows], s.shape[1]).sum(-1) / s[rows]
+            ds[rows] = _sum_g_times_codes(gblk, w[rows], s[rows])
         if need_a or need_b:
             dpre = gblk.mul_(_expand(s[rows], in_f))
             if clipped is not None:
@@ -195,7 +195,7 @@ def dense_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 def scale_grad_per_channel(g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``dL/ds`` of ``W = s (q - z)`` per channel without G: ``sum_t g[t, o] (x W^T)[t, o] / s[o]``."""
-    y0 = F.linear(x2, w.to(x2.dtype)).float()
+    y0 = F.linear(x2, w.to(x2.dtype)).float()  # no [out, in] temporary beyond w itself
     return ((g2.float() * y0).sum(0) / s[:, 0]).unsqueeze(1)
 
 
@@ -203,11 +203,21 @@ def scale_grad_per_group(g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, s:
     """``dL/ds`` of ``W = s (q - z)`` per group: ``sum_{i in g} G (q - z)`` with G in row chunks."""
     ds = torch.empty_like(s)
     for rows in _g_row_chunks(*w.shape):
-        ds[rows] = grouped(_gram_block(g2, x2, rows) * w[rows], s.shape[1]).sum(-1) / s[rows]
+        ds[rows] = _sum_g_times_codes(_gram_block(g2, x2, rows), w[rows], s[rows])
     return ds
 
 
-def gram_row_chunks(g2: torch.Tensor, x2: torch.Tensor, out_features: int, in_features: int):
+def _codes_minus_z(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``q - z`` recovered exactly from ``w = s (q - z)``: an integer, and ``w / s`` is within an ulp."""
+    return torch.round(grouped(w, s.shape[1]) / s.unsqueeze(-1))
+
+
+def _sum_g_times_codes(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (grouped(g, s.shape[1]) * _codes_minus_z(w, s)).sum(-1)
+
+
+def gram_row_chunks(g2: torch.Tensor, x2: torch.Tensor, out_features: int, in_features: int,
+                    elems: int = G_CHUNK_ELEMS):
     """Yield ``(rows, G[rows])`` (fp32) for the methods whose gradient needs G itself (full QAT)."""
-    for rows in _g_row_chunks(out_features, in_features):
+    for rows in _g_row_chunks(out_features, in_features, elems):
         yield rows, _gram_block(g2, x2, rows)

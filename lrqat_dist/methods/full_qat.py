@@ -53,7 +53,8 @@ class FullQATLinear(QuantLinear):
         ng, spec = s.shape[1], self.spec
         dw = torch.empty_like(w) if need_w else None
         ds = torch.empty_like(s) if need_s else None
-        for rows, g in gram_row_chunks(g2, x2, *w.shape):
+        # small chunks: about eight chunk-sized temporaries are alive at once below
+        for rows, g in gram_row_chunks(g2, x2, *w.shape, elems=1 << 18):
             zr = None if z is None else z[rows]
             q = torch.round(to_codes_domain(w[rows], s[rows], zr))
             inside = (q >= spec.qmin) & (q <= spec.qmax)
@@ -66,5 +67,5 @@ class FullQATLinear(QuantLinear):
                 qz = grouped(q.clamp_(spec.qmin, spec.qmax), ng)
                 if zr is not None:
                     qz = qz - zr.unsqueeze(-1).to(qz.dtype)
-                ds[rows] = (grouped(g, ng) * qz).sum(-1) - (gpre * grouped(w[rows], ng) / (sg * sg)).sum(-1)
+                ds[rows] = (grouped(g, ng) * qz).sum(-1) - (gpre * ((grouped(w[rows], ng) / sg) / sg)).sum(-1)
         return dw, ds
