@@ -15,7 +15,8 @@ temporary page-fault). One untimed warm-up step per variant.
 Variants: ``lora`` (frozen fp32 W plus rank-32 adapters, B = 0), ``lrqat-q4.4`` / ``lrqat-int4p`` /
 ``lrqat-bf16`` (downcast of Phi0), ``peqa``, ``full_qat``; ``-autograd`` = the same method on the
 plain reference backward (``QATConfig.backward: autograd``, the pre-issue-14 path). W4 per channel,
-rank 32, min-max range; LR-QAT adapters are then perturbed so that ``c B@A`` has a standard deviation
+rank 32; range: Lp-4 on a 20-point grid for single linears, min-max for whole models (the shared
+builder of tools/bench_memory.py); LR-QAT adapters are then perturbed so that ``c B@A`` has a standard deviation
 of ``--code-std`` grid steps (some codes clip, as after training; the clipped fraction is reported).
 Whole models are random-init at the real shape, fp32, token ids random.
 """
@@ -85,9 +86,10 @@ def _bench_memory():
 
 
 def _qat_config(v: dict, rank: int):
+    """Single linears: the Lp range (coarse grid), which clips some weights as on real checkpoints."""
     from lrqat_dist import QATConfig
 
-    return QATConfig(method=v["method"], downcast=v.get("downcast", "fixed"), rank=rank, range_init="minmax",
+    return QATConfig(method=v["method"], downcast=v.get("downcast", "fixed"), rank=rank, range_init="lp", lp_grid=20,
                      backward=v.get("backward", "fast"))
 
 
