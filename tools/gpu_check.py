@@ -1,0 +1,445 @@
+#!/usr/bin/env python
+"""One-shot validation on a GPU (issue 14): numerics, fused path, device exactness, engines, memory.
+
+    python tools/gpu_check.py --out gpu_check/           # on one CUDA device (H200: under 8 minutes)
+    python tools/gpu_check.py --cpu-smoke --out /tmp/gc  # the same checks, reduced, on CPU (< 1 minute)
+
+No internet needed: every model is random-init at the real shape (LLaMA-2 7B / 13B / 70B layer
+shapes), data is synthetic. Needs only torch, transformers (and deepspeed for the ZeRO rows; the
+row says so when it is missing). Writes ``report.json`` and ``report.md`` to ``--out``; each check
+is independent (an exception is recorded as that check's error, the others still run). Checks, in
+order of risk:
+
+1. ``bf16_numerics``: the LR-QAT linear at 7B shapes with bf16 inputs against fp32 (TF32 off):
+   relative error of the output and of dA, dB, ds.
+2. ``fast_path``: the exact fast backward against the plain autograd path (fp32, relative error),
+   step time of LoRA / LR-QAT (fast, autograd) / full QAT as ratios, and ``torch.compile`` of the
+   fused rebuild: bit-equality with the eager rebuild, compile warm-up and steady-state time.
+3. ``device_exactness``: frozen buffers (``lp`` range init: s0, zero-point, Phi0) and ``fold()``
+   codes built on the device against the same built on CPU, bit for bit.
+4. ``engines``: single-device, FSDP2, DeepSpeed ZeRO-2/3 (world size 1, NCCL, activation
+   checkpointing on) trained to a preemption at step 3 and resumed to step 8; steps and final losses.
+5. ``memory``: peak allocated / reserved of full-depth 7B-shaped LR-QAT at seq 1024 with and without
+   checkpointing, 13B-shaped with checkpointing, against the planner (target within 10%); 70B
+   feasibility of two 70B-shaped layers plus a placeholder for the replicated Phi0 of the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("gpu_check")
+
+SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
+
+
+def _rel(a, b) -> float:
+    import torch
+
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _lrqat_layer(out_f: int, in_f: int, device, rank: int = 32, range_init: str = "lp", spread: float = 1.5,
+                 seed: int = 0, downcast: str = "fixed", method: str = "lrqat", backward: str = "fast"):
+    """A quantized linear built on ``device`` from a seeded CPU weight; LR-QAT adapters perturbed so
+    that ``c B@A`` has ``spread`` grid steps of spread (some codes clip)."""
+    import torch
+    from torch import nn
+
+    from lrqat_dist import QATConfig
+    from lrqat_dist.methods import METHODS
+
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.02)
+    lin = lin.to(device)
+    layer = METHODS[method].from_linear(lin, QATConfig(method=method, rank=rank, range_init=range_init, lp_grid=20,
+                                                       downcast=downcast, backward=backward), "check")
+    if method == "lrqat" and spread:
+        with torch.no_grad():
+            a_norm = layer.lora_A.norm(dim=1).pow(2).mean().sqrt().item()
+            b = torch.randn(layer.lora_B.shape, generator=g) * (spread / (layer.scaling * a_norm))
+            layer.lora_B.copy_(b.to(device))
+    return layer
+
+
+def _grads(layer, x, grad, backward: str):
+    layer.backward = backward
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    y.backward(grad)
+    return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+# --- 1. bf16 numerics ---------------------------------------------------------------------------
+def check_bf16_numerics(device, smoke: bool) -> dict:
+    import torch
+
+    shapes = [(256, 512)] if smoke else SHAPES_7B
+    tokens = 64 if smoke else 2048
+    rows = []
+    for out_f, in_f in shapes:
+        layer = _lrqat_layer(out_f, in_f, device)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randn(tokens, in_f, generator=g).to(device)
+        go = torch.randn(tokens, out_f, generator=g).to(device)
+        y32, g32 = _grads(layer, x, go, "fast")
+        y16, g16 = _grads(layer, x.bfloat16(), go.bfloat16(), "fast")
+        rows.append({"shape": [out_f, in_f], "tokens": tokens, "y_rel": _rel(y16, y32),
+                     **{f"d{n}_rel": _rel(g16[n], g32[n]) for n in g32},
+                     "grad_dtypes": sorted({str(t.dtype) for t in g16.values()})})
+        del layer
+    worst = max(max(v for k, v in r.items() if k.endswith("_rel")) for r in rows)
+    return {"rows": rows, "worst_rel": worst, "ok": worst < 2e-2 and all(r["grad_dtypes"] == ["torch.float32"]
+                                                                         for r in rows)}
+
+
+# --- 2. fast path: exactness vs autograd, speed, torch.compile ------------------------------------
+def _time(fn, device, repeats: int) -> float:
+    fn()
+    _sync(device)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _compiled_rebuild():
+    """The fused rebuild of a symmetric fixed-point LR-QAT layer as one function for torch.compile:
+    the same operations, in the same order, as LRQATLinear.fused_rebuild (checked bitwise below)."""
+    import torch
+
+    def rebuild(phi0, lora_a, lora_b, scale, scaling: float, frac: int, qmin: int, qmax: int):
+        pre = (lora_b @ lora_a) * scaling + phi0.float() / 2.0**frac
+        q = torch.clamp(torch.round(pre), qmin, qmax)
+        out, inp = q.shape
+        return (q.reshape(out, scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(out, inp)
+
+    return torch.compile(rebuild, dynamic=False)
+
+
+def check_fast_path(device, smoke: bool, with_compile: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    shapes = [(256, 512)] if smoke else [(4096, 4096), (11008, 4096)]
+    tokens_list = [64] if smoke else [256, 2048]
+    repeats = 2 if smoke else 5
+    rows = []
+    for out_f, in_f in shapes:
+        lr = _lrqat_layer(out_f, in_f, device)
+        fq = _lrqat_layer(out_f, in_f, device, method="full_qat")
+        w0 = torch.randn(out_f, in_f, device=device) * 0.02
+        a = torch.nn.Parameter(torch.randn(32, in_f, device=device) * 0.01)
+        b = torch.nn.Parameter(torch.zeros(out_f, 32, device=device))
+        _, clipped = lr.fused_rebuild(with_mask=True)
+        for tokens in tokens_list:
+            g = torch.Generator(device="cpu").manual_seed(2)
+            x = torch.randn(tokens, in_f, generator=g).to(device).requires_grad_(True)
+            go = torch.randn(tokens, out_f, generator=g).to(device)
+            _, ref = _grads(lr, x, go, "autograd")
+            _, fast = _grads(lr, x, go, "fast")
+            errs = {f"d{n}_rel": _rel(fast[n], ref[n]) for n in ref}
+
+            def lora():
+                x.grad = a.grad = b.grad = None
+                (F.linear(x, w0) + F.linear(F.linear(x, a), b) / 32).backward(go)
+
+            def run(layer, mode):
+                def f():
+                    layer.backward = mode
+                    x.grad = None
+                    for p in layer.parameters():
+                        p.grad = None
+                    layer(x).backward(go)
+                return f
+
+            t = {"lora": _time(lora, device, repeats), "lrqat_fast": _time(run(lr, "fast"), device, repeats),
+                 "lrqat_autograd": _time(run(lr, "autograd"), device, repeats),
+                 "full_qat": _time(run(fq, "fast"), device, repeats)}
+            rows.append({"shape": [out_f, in_f], "tokens": tokens, **errs,
+                         "clipped_fraction": float(clipped.float().mean()),
+                         "seconds": t, "x_lora": {k: v / t["lora"] for k, v in t.items()},
+                         "lrqat_over_full_qat": t["lrqat_fast"] / t["full_qat"]})
+        # torch.compile of the rebuild (fixed-point Phi0, symmetric): bits and time
+        comp = {}
+        if not with_compile:
+            comp["skipped"] = "--cpu-smoke without --with-compile (inductor's warm-up is ~70 s on a loaded 2-core CPU)"
+        else:
+            try:
+                fn = _compiled_rebuild()
+                args = (lr.phi0, lr.lora_A.detach(), lr.lora_B.detach(), lr.scale.detach(), lr.scaling,
+                        lr.downcast.frac_bits, lr.spec.qmin, lr.spec.qmax)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    wc = fn(*args)
+                _sync(device)
+                comp["warmup_s"] = time.perf_counter() - t0
+                with torch.no_grad():
+                    comp["bit_equal"] = bool(torch.equal(wc, lr.fused_rebuild()[0]))
+                    comp["compiled_s"] = _time(lambda: fn(*args), device, repeats)
+                    comp["eager_s"] = _time(lambda: lr.fused_rebuild(), device, repeats)
+            except Exception as e:  # recorded, not fatal: compile needs a compiler toolchain
+                comp["error"] = f"{type(e).__name__}: {e}"
+        rows[-1]["compile_rebuild"] = comp
+        del lr, fq
+    worst = max(max(v for k, v in r.items() if k.endswith("_rel")) for r in rows)
+    clipped = min(r["clipped_fraction"] for r in rows)
+    bits = all(r.get("compile_rebuild", {}).get("bit_equal", True) for r in rows)
+    return {"rows": rows, "worst_grad_rel": worst, "min_clipped_fraction": clipped,
+            "ok": worst <= 1e-5 and clipped > 0 and bits}
+
+
+# --- 3. CPU vs device exactness -------------------------------------------------------------------
+def check_device_exactness(device, smoke: bool) -> dict:
+    import torch
+
+    out_f, in_f = (128, 256) if smoke else (4096, 4096)
+    rows = []
+    for downcast, sym, group in [("fixed", True, None), ("int-packed", False, 128), ("bf16", True, 128)]:
+        from lrqat_dist import QATConfig
+        from lrqat_dist.methods import LRQATLinear
+        from torch import nn
+
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(out_f, in_f, generator=g) * 0.02
+        built = {}
+        for dev in (torch.device("cpu"), device):
+            lin = nn.Linear(in_f, out_f, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            cfg = QATConfig(rank=16, downcast=downcast, symmetric=sym, group_size=group, range_init="lp")
+            layer = LRQATLinear.from_linear(lin.to(dev), cfg, "x")
+            with torch.no_grad():
+                layer.lora_B.copy_((torch.randn(out_f, 16, generator=torch.Generator().manual_seed(4)) * 2.0).to(dev))
+                layer.lora_A.copy_((torch.randn(16, in_f, generator=torch.Generator().manual_seed(5)) * 0.1).to(dev))
+            built[dev.type] = layer
+        c, d = built["cpu"], built[device.type]
+        same = lambda t1, t2: t1 is None and t2 is None or bool(torch.equal(t1.cpu(), t2.cpu()))  # noqa: E731
+        fc, fd = c.fold(), d.fold()
+        rows.append({"downcast": downcast, "symmetric": sym, "group_size": group,
+                     "s0_equal": same(c.s0, d.s0), "zero_point_equal": same(c.zero_point, d.zero_point),
+                     "phi0_equal": same(c.phi0, d.phi0), "fold_codes_equal": same(fc.codes, fd.codes),
+                     "fold_codes_mismatch": int((fc.codes != fd.codes.cpu()).sum())})
+    ok = all(all(v for k, v in r.items() if k.endswith("_equal")) for r in rows)
+    return {"rows": rows, "ok": ok, "note": "on a CPU run both sides are the CPU: this only exercises the code"}
+
+
+# --- 4. engines -------------------------------------------------------------------------------------
+def _single_engine_run(out: Path, device, dtype: str) -> dict:
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+    from train_common import job_dict, synthetic_builders
+
+    from lrqat_dist.train import read_metrics, train
+    from lrqat_dist.train.config import config_from_dict
+
+    cfg = config_from_dict(job_dict(out, train={"device": device.type, "dtype": dtype, "save_every": 3}))
+    first = train(cfg, resume="none", builders=synthetic_builders(), on_step=_stop_at(3))
+    second = train(cfg, resume="auto", builders=synthetic_builders())
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    return {"first_step": first.step, "second_step": second.step, "final_loss": losses[-1] if losses else None}
+
+
+def _stop_at(step_to_stop: int):
+    def hook(step):
+        if step == step_to_stop:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+def check_engines(device, smoke: bool, out: Path) -> dict:
+    import shutil
+
+    rows = {}
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    shutil.rmtree(out / "engines", ignore_errors=True)  # this tool's own output of an earlier run
+    rows["single"] = _single_engine_run(out / "engines" / "single", device, dtype)
+    if smoke:
+        return {"rows": rows, "ok": rows["single"]["second_step"] == 8,
+                "note": "CPU smoke: single-device engine only (torchrun start-up of the others costs ~20 s each)"}
+    try:
+        import deepspeed  # noqa: F401
+        engines = "ds2,ds3,fsdp2"
+    except ImportError:
+        engines = "fsdp2"
+        rows["deepspeed"] = {"error": "deepspeed not installed: ZeRO rows not measured"}
+    root = out / "engines" / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           str(ROOT / "tests" / "dist" / "engine_matrix.py"), str(root), "--engines", engines,
+           "--train", json.dumps({"device": "cuda", "dtype": dtype, "activation_checkpointing": True})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=240)
+    from lrqat_dist.train import read_metrics
+
+    for name in engines.split(","):
+        res = root / name / "result.json"
+        if res.is_file():
+            r = json.loads(res.read_text())
+            losses = [m["loss"] for m in read_metrics(root / name) if "loss" in m]
+            rows[name] = {"first_step": r["first"]["step"], "second_step": r["second"]["step"],
+                          "final_loss": losses[-1] if losses else None, "seconds": r["seconds"]}
+        else:
+            rows[name] = {"error": f"no result (rc {proc.returncode}): {proc.stderr[-800:]}"}
+    ok = all(r.get("second_step") == 8 for k, r in rows.items() if k != "deepspeed")
+    return {"rows": rows, "ok": ok}
+
+
+# --- 5. memory --------------------------------------------------------------------------------------
+def _memory_case(name: str, shape, device, seq: int, ckpt: bool) -> dict:
+    import torch
+
+    import lrqat_dist
+    from lrqat_dist import QATConfig
+    from lrqat_dist.engines.base import next_token_loss
+    from lrqat_dist.memory import PlanConfig, plan
+    from lrqat_dist.model import load_causal_lm
+    from lrqat_dist.train.build import enable_activation_checkpointing
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.device(device):
+        model = load_causal_lm(config=shape.hf_config(), dtype=torch.bfloat16)
+    lrqat_dist.prepare(model, QATConfig(range_init="minmax"))
+    model.config.use_cache = False
+    if ckpt:
+        enable_activation_checkpointing(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    ids = torch.randint(0, shape.vocab, (1, seq), device=device)
+    for _ in range(2):
+        next_token_loss(model(input_ids=ids).logits, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    p = plan(shape, PlanConfig(method="lrqat", downcast="fixed", seq_len=seq, dtype="bf16",
+                               activation_checkpointing=ckpt))
+    row = {"case": name, "seq": seq, "ckpt": ckpt, "planned_gib": p.peak / 2**30}
+    if device.type == "cuda":
+        row["allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        row["err_allocated"] = p.peak / (row["allocated_gib"] * 2**30) - 1
+    del model, opt
+    return row
+
+
+def check_memory(device, smoke: bool) -> dict:
+    from dataclasses import replace
+
+    import torch
+
+    from lrqat_dist.memory import ModelShape
+
+    rows = []
+    if smoke:
+        tiny = ModelShape(hidden=128, intermediate=352, layers=2, heads=4, kv_heads=2, vocab=512, name="tiny")
+        rows.append(_memory_case("tiny", tiny, device, 64, False))
+        return {"rows": rows, "ok": True, "note": "CPU smoke: planner numbers only (no device allocator to read)"}
+    s7, s13 = ModelShape.preset("llama2-7b"), ModelShape.preset("llama2-13b")
+    rows.append(_memory_case("llama2-7b", s7, device, 1024, False))
+    rows.append(_memory_case("llama2-7b", s7, device, 1024, True))
+    rows.append(_memory_case("llama2-13b", s13, device, 1024, True))
+    # 70B: two real-shaped layers, plus the int8 Phi0 the other 78 layers would keep replicated
+    s70 = ModelShape.preset("llama2-70b")
+    per_layer_phi = sum(o * i for _, o, i in s70.linears())
+    placeholder = torch.empty(per_layer_phi * (s70.layers - 2), dtype=torch.int8, device=device)
+    rows.append(_memory_case("llama2-70b-2l+phi0", replace(s70, layers=2, name="llama2-70b-2l"), device, 1024, True))
+    rows[-1]["phi0_placeholder_gib"] = placeholder.numel() / 2**30
+    del placeholder
+    ok = all(abs(r["err_allocated"]) <= 0.10 for r in rows[:3])
+    return {"rows": rows, "ok": ok}
+
+
+# --- driver ---------------------------------------------------------------------------------------
+CHECKS = ["bf16_numerics", "fast_path", "device_exactness", "engines", "memory"]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# gpu_check report ({'CPU smoke' if report['cpu_smoke'] else report['device']})", "",
+             f"device: {report['device']}; torch {report['torch']}; total {report['seconds']:.1f} s", "",
+             "| check | ok | seconds | summary |", "|---|---|---|---|"]
+    for name in CHECKS:
+        r = report["checks"].get(name, {})
+        summary = r.get("error") or json.dumps({k: v for k, v in r.items() if k not in ("rows", "ok", "seconds")})
+        lines.append(f"| {name} | {r.get('ok')} | {r.get('seconds', 0):.1f} | {summary[:300]} |")
+    lines += ["", "Rows per check: report.json."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for report.json and report.md")
+    ap.add_argument("--cpu-smoke", action="store_true", help="reduced checks on CPU (under a minute)")
+    ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {CHECKS}")
+    ap.add_argument("--with-compile", action="store_true", help="with --cpu-smoke: also torch.compile the rebuild")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be fp32
+    torch.backends.cudnn.allow_tf32 = False
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+    else:
+        ap.error("no CUDA device: run with --cpu-smoke for the reduced CPU version")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fns = {"bf16_numerics": lambda: check_bf16_numerics(device, args.cpu_smoke),
+           "fast_path": lambda: check_fast_path(device, args.cpu_smoke, args.with_compile or not args.cpu_smoke),
+           "device_exactness": lambda: check_device_exactness(device, args.cpu_smoke),
+           "engines": lambda: check_engines(device, args.cpu_smoke, out),
+           "memory": lambda: check_memory(device, args.cpu_smoke)}
+    chosen = args.checks.split(",")
+    unknown = [c for c in chosen if c not in fns]
+    if unknown:
+        ap.error(f"--checks: unknown {unknown}; known: {', '.join(CHECKS)}")
+    t_all = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "cpu_smoke": args.cpu_smoke, "torch": torch.__version__, "checks": {}}
+    for name in chosen:
+        t = time.perf_counter()
+        logger.info("gpu_check: %s ...", name)
+        try:
+            res = fns[name]()
+        except Exception as e:  # one failing check must not hide the others
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        res["seconds"] = time.perf_counter() - t
+        report["checks"][name] = res
+        logger.info("gpu_check: %s ok=%s (%.1f s)", name, res.get("ok"), res["seconds"])
+    report["seconds"] = time.perf_counter() - t_all
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if all(r.get("ok") for r in report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
