@@ -11,6 +11,7 @@ temporary page-fault). One untimed warm-up step per variant.
     python tools/bench_speed.py --quick               # tiny shapes, 1 round: checks the tool works
     python tools/bench_speed.py --cases linear-11008x4096-256 --repeats 5
     python tools/bench_speed.py --profile linear-11008x4096-256 lrqat-q4.4   # where the time goes
+    python tools/bench_speed.py --clipping ~/.cache/lrqat_dist/models/smollm2-135m  # real clipped fractions
 
 Variants: ``lora`` (frozen fp32 W plus rank-32 adapters, B = 0), ``lrqat-q4.4`` / ``lrqat-int4p`` /
 ``lrqat-bf16`` (downcast of Phi0), ``peqa``, ``full_qat``; ``-autograd`` = the same method on the
@@ -239,6 +240,59 @@ def profile(case: dict, variant: str, rank: int, code_std: float, top: int = 15)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+def clipping_report(model_dir: Path, tokens: int = 1024, bits_list=(4, 3)) -> str:
+    """Clipped fraction per decoder linear of a real checkpoint (Lp-4 range, 100-point grid, per
+    channel: the weights whose code ``round(W/s0)`` falls outside the grid, i.e. where the LR-QAT
+    correction works), and the cost of the gathered correction against one ``G`` matmul."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lrqat_dist.methods.fast_backward import _subtract_clipped
+    from lrqat_dist.quant.affine import QuantSpec, to_codes_domain
+    from lrqat_dist.quant.range_init import init_range
+
+    weights = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()
+               if k.endswith("proj.weight") and ".layers." in k}
+    lines = [f"Clipped fraction per decoder linear of {model_dir.name} ({len(weights)} linears), Lp-4 range "
+             f"(100-point grid), per channel:", "", "| grid | min | median | max | all weights |",
+             "|---|---|---|---|---|"]
+    cost_fraction = {}
+    for bits in bits_list:
+        spec = QuantSpec(bits, True, None)
+        fr, n_clip, n_all = [], 0, 0
+        for name, w in weights.items():
+            s0, z0 = init_range(w, spec, "lp", 4.0, 100, name)
+            r = torch.round(to_codes_domain(w, s0, z0))
+            c = int(((r < spec.qmin) | (r > spec.qmax)).sum())
+            fr.append(c / w.numel())
+            n_clip, n_all = n_clip + c, n_all + w.numel()
+        fr.sort()
+        lines.append(f"| W{bits} per channel | {100 * fr[0]:.3f}% | {100 * statistics.median(fr):.3f}% | "
+                     f"{100 * fr[-1]:.3f}% | {100 * n_clip / n_all:.3f}% |")
+        cost_fraction[bits] = fr[-1]
+    # cost of the correction at the largest layer shape and the largest fraction seen, vs one G matmul
+    out_f, in_f = max((w.shape for w in weights.values()), key=lambda s: s[0] * s[1])
+    g = torch.Generator().manual_seed(0)
+    gf, xf = torch.randn(tokens, out_f, generator=g), torch.randn(tokens, in_f, generator=g)
+    a, b, s = torch.randn(32, in_f, generator=g), torch.randn(out_f, 32, generator=g), torch.rand(out_f, 1) + 0.5
+    lines.append("")
+    for bits, frac in cost_fraction.items():
+        mask = torch.rand(out_f, in_f, generator=g) < frac
+        da, db = torch.zeros(32, in_f), torch.zeros(out_f, 32)
+        t_corr = statistics.median(_timed(lambda: _subtract_clipped(gf, xf, s, a, b, 0.03, mask, da, db)) for _ in range(5))
+        t_mm = statistics.median(_timed(lambda: gf.t() @ xf) for _ in range(5))
+        lines.append(f"Correction at W{bits} (largest layer {out_f}x{in_f}, {tokens} tokens, the largest fraction "
+                     f"{100 * frac:.3f}%): {1e3 * t_corr:.2f} ms = {100 * t_corr / t_mm:.1f}% of the G matmul it "
+                     f"replaces ({1e3 * t_mm:.1f} ms).")
+    return "\n".join(lines) + "\n"
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 round (a smoke run of the tool)")
@@ -250,10 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--markdown", help="write the markdown table here")
     ap.add_argument("--profile", nargs=2, metavar=("CASE", "VARIANT"), help="profile one step and exit")
+    ap.add_argument("--clipping", metavar="HF_DIR", help="clipped fractions of a real checkpoint's linears and exit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
+    if args.clipping:
+        print(clipping_report(Path(args.clipping)))
+        return 0
     cases = _cases(args.quick)
     if args.profile:
         print(profile(cases[args.profile[0]], args.profile[1], args.rank, args.code_std))
