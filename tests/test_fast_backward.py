@@ -143,3 +143,19 @@ def test_backward_switch_from_config_and_validation():
     assert METHODS["lrqat"].from_linear(lin, QATConfig(backward="autograd", rank=RANK), "l").backward == "autograd"
     with pytest.raises(ValueError, match="backward"):
         QATConfig(backward="fastest")
+
+
+def test_scratch_buffers_give_the_same_bits_and_are_reused(monkeypatch):
+    """The reused CPU buffers (kept only above a size threshold, lowered here) change no bit."""
+    monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
+    layer = _layer("lrqat", spread=1.0, bits=4)
+    w, clipped = layer.fused_rebuild(with_mask=True)
+    ws, cs = layer.fused_rebuild(with_mask=True, scratch=fast_backward.SCRATCH)
+    assert torch.equal(ws, w) and torch.equal(cs, clipped)
+    assert ws.data_ptr() == fast_backward.SCRATCH.buffers[("weight", torch.float32)].data_ptr()
+    _assert_same_grads(layer, torch.randn(2, 7, IN))  # forward and backward through the buffers
+    x = torch.randn(2, 5, IN).to(torch.bfloat16)
+    y_fast = layer(x)
+    layer.backward = "autograd"
+    assert torch.equal(y_fast, layer(x))  # the bf16 cast buffer too

@@ -36,6 +36,46 @@ logger = logging.getLogger(__name__)
 DENSE_CLIPPED_FRACTION = 0.05  # above this the gathered correction costs more than the dense G (measured)
 GATHER_CHUNK_ELEMS = 1 << 22  # elements of one [chunk, tokens] gather (16 MiB fp32)
 G_CHUNK_ELEMS = 1 << 22  # elements of one [rows, in] block of G
+SCRATCH_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: bigger blocks page-fault anew each time
+
+
+class _Scratch:
+    """Reused ``[out, in]``-sized buffers for the rebuild inside forward/backward, on CPU only.
+
+    glibc serves every allocation above 32 MiB with a fresh mmap, so each rebuilt 7B-shaped weight
+    (64-180 MB) page-faults on first touch; on this CPU that cost as much as the rebuild itself. One
+    buffer per role, grown to the largest layer, is used only inside one layer's forward or backward
+    (layers run one at a time). Only buffers of at least :data:`SCRATCH_MIN_BYTES` are kept (smaller
+    ones glibc recycles itself); such a buffer stays allocated between steps, e.g. at the loss (CPU
+    only; the planner models CUDA, whose caching allocator already reuses blocks)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if device.type != "cpu":
+            return None
+        n = 1
+        for d in shape:
+            n *= d
+        if n * torch.empty((), dtype=dtype).element_size() < SCRATCH_MIN_BYTES:
+            return None
+        key = (role, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            self.buffers[key] = buf = None  # drop the old one before allocating the larger one
+            buf = self.buffers[key] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+SCRATCH = _Scratch()
+
+
+def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if w.dtype == dtype:
+        return w
+    out = SCRATCH.get("cast", tuple(w.shape), dtype, w.device)
+    return w.to(dtype) if out is None else out.copy_(w)
 
 
 def _g_row_chunks(out_features: int, in_features: int, elems: int = G_CHUNK_ELEMS) -> list[slice]:
@@ -50,7 +90,7 @@ def _expand(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def _grad_x(grad_out: torch.Tensor, w: torch.Tensor, x_shape) -> torch.Tensor:
-    return (grad_out @ w.to(grad_out.dtype)).reshape(x_shape)
+    return (grad_out @ _cast(w, grad_out.dtype)).reshape(x_shape)
 
 
 def _gram_block(g2: torch.Tensor, x2: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -63,17 +103,17 @@ def _gram_block(g2: torch.Tensor, x2: torch.Tensor, rows: slice) -> torch.Tensor
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, lora_a, lora_b, scale):
-        w, _ = module.fused_rebuild()
+        w, _ = module.fused_rebuild(scratch=SCRATCH)
         ctx.module = module
         ctx.save_for_backward(x)
-        return F.linear(x, w.to(x.dtype), module.cast_bias(x.dtype))
+        return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         m = ctx.module
         need_x, _, need_a, need_b, need_s = ctx.needs_input_grad
-        w, clipped = m.fused_rebuild(with_mask=need_a or need_b)
+        w, clipped = m.fused_rebuild(with_mask=need_a or need_b, scratch=SCRATCH)
         grad_x = _grad_x(grad_out, w, x.shape) if need_x else None
         if not (need_a or need_b or need_s):
             return grad_x, None, None, None, None
@@ -130,7 +170,7 @@ def _subtract_clipped(gf, xf, s, a, b, c, clipped, da, db) -> None:
     chunk = max(1, GATHER_CHUNK_ELEMS // max(1, g_t.shape[1]))
     for k in range(0, o.numel(), chunk):
         oc, ic = o[k:k + chunk], i[k:k + chunk]
-        gv = (g_t[oc] * x_t[ic]).sum(1)
+        gv = (g_t.index_select(0, oc) * x_t.index_select(0, ic)).sum(1)  # index_select: 4x advanced indexing
         dv = gv.mul_(s[oc, ic // gsz]).mul_(-c)  # -c * s * G at each clipped weight
         if db is not None:
             db.index_add_(0, oc, dv.unsqueeze(1) * a.t()[ic])
@@ -195,7 +235,7 @@ def dense_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 def scale_grad_per_channel(g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``dL/ds`` of ``W = s (q - z)`` per channel without G: ``sum_t g[t, o] (x W^T)[t, o] / s[o]``."""
-    y0 = F.linear(x2, w.to(x2.dtype)).float()  # no [out, in] temporary beyond w itself
+    y0 = F.linear(x2, _cast(w, x2.dtype)).float()  # no [out, in] temporary beyond w itself
     return ((g2.float() * y0).sum(0) / s[:, 0]).unsqueeze(1)
 
 

@@ -74,16 +74,23 @@ class LRQATLinear(QuantLinear):
         return self.scale
 
     @torch.no_grad()
-    def fused_rebuild(self, dequant: bool = True, with_mask: bool = False
+    def fused_rebuild(self, dequant: bool = True, with_mask: bool = False, scratch=None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W_hat`` (or the codes, ``dequant=False``) and optionally the clipped mask, without autograd:
         one ``[out, in]`` fp32 tensor (B@A, overwritten in place row block by row block) plus the mask.
 
         The same operations as :meth:`codes` + :meth:`weight_hat` in the same order (B@A as one
         matmul: row-sliced matmuls round differently), so the bits are identical; forward, backward,
-        :meth:`fold` and export all rebuild through here."""
-        pre = torch.matmul(self.lora_B, self.lora_A)
-        clipped = torch.empty(pre.shape, dtype=torch.bool, device=pre.device) if with_mask else None
+        :meth:`fold` and export all rebuild through here. ``scratch`` (forward/backward only, see
+        :class:`~lrqat_dist.methods.fast_backward._Scratch`): write into its reused buffers; the
+        result is then valid only until the next rebuild."""
+        shape, dev = (self.out_features, self.in_features), self.lora_B.device
+        pre = None if scratch is None else scratch.get("weight", shape, torch.float32, dev)
+        pre = torch.matmul(self.lora_B, self.lora_A, out=pre) if pre is not None else self.lora_B @ self.lora_A
+        clipped = None
+        if with_mask:
+            clipped = None if scratch is None else scratch.get("clipped", shape, torch.bool, dev)
+            clipped = torch.empty(shape, dtype=torch.bool, device=dev) if clipped is None else clipped
         zp = self.zero_point
         for rows in row_blocks(*pre.shape):
             blk = pre[rows]
