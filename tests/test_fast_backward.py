@@ -159,3 +159,12 @@ def test_scratch_buffers_give_the_same_bits_and_are_reused(monkeypatch):
     y_fast = layer(x)
     layer.backward = "autograd"
     assert torch.equal(y_fast, layer(x))  # the bf16 cast buffer too
+
+
+def test_cost_model_picks_the_cheaper_form():
+    use = fast_backward._use_dense
+    assert not use(False, 1, 1e-4, 1024, 32)  # frozen scale, few clipped: low-rank + gather
+    assert use(False, 1, 0.01, 1024, 32)  # 1% clipped: the gather costs more than G
+    assert not use(True, 1, 0.0, 256, 32)  # nothing clipped: x W^T for ds, no G
+    assert use(True, 1, 0.0023, 1024, 32)  # SmolLM2's W4 fraction with a trained scale: G gives ds too
+    assert use(True, 4, 0.0, 1024, 32)  # per-group trained scales need G

@@ -18,8 +18,10 @@ in-range mask ``M``): ``dL/dpre = G * S * M`` and ``M = 1 - C`` (``C`` clipped):
   per group it needs ``G`` group by group, formed in row chunks and then used for ``A`` and ``B``
   too (the dense form of the same gradient: no gather needed).
 
-When many weights are clipped (more than :data:`DENSE_CLIPPED_FRACTION`), the gather costs more
-than a matmul and the chunked dense form is used instead. PEQA and full QAT need ``G`` anyway
+The gather is memory-bound: when it would cost more than forming G (a cost model with the measured
+:data:`GATHER_COST`, :func:`_use_dense`) the chunked dense form is used instead; with a trained
+per-channel scale that is already at a few hundredths of a percent clipped on this CPU, because the
+dense form gets dL/ds from G for free. PEQA and full QAT need ``G`` anyway
 (``dL/dW`` is full-rank); they get the chunked dense form without the autograd graph.
 """
 from __future__ import annotations
@@ -33,7 +35,11 @@ from ..quant.affine import grouped
 
 logger = logging.getLogger(__name__)
 
-DENSE_CLIPPED_FRACTION = 0.05  # above this the gathered correction costs more than the dense G (measured)
+# The gathered correction reads two token-length rows per clipped weight: memory-bound. Measured on
+# this project's CPU (bench_speed --clipping, SmolLM2 576x1536 at 1,024 tokens): 0.28% clipped cost
+# 1.26x the G matmul, i.e. about GATHER_COST * fraction G-matmuls.
+GATHER_COST = 450.0
+DENSE_CLIPPED_FRACTION = None  # set (tests) to force: low-rank when the fraction is at most this, else dense
 GATHER_CHUNK_ELEMS = 1 << 22  # elements of one [chunk, tokens] gather (16 MiB fp32)
 G_CHUNK_ELEMS = 1 << 22  # elements of one [rows, in] block of G
 SCRATCH_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: bigger blocks page-fault anew each time
@@ -132,8 +138,7 @@ def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, cl
     out_f, in_f = w.shape
     ng = s.shape[1]
     n_clipped = int(torch.count_nonzero(clipped)) if clipped is not None else 0  # .sum() would widen to int64
-    dense = need_s and ng > 1 or n_clipped > DENSE_CLIPPED_FRACTION * w.numel()
-    if dense:
+    if _use_dense(need_s, ng, n_clipped / w.numel(), g2.shape[0], a.shape[0]):
         return _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s)
     gf, xf = g2.float(), x2.float()
     da = db = ds = None
@@ -159,6 +164,18 @@ def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, cl
     if need_s:  # per channel here (per group went dense): sum_t g * (x (q - z)^T)
         ds = scale_grad_per_channel(g2, x2, w, s)
     return da, db, ds
+
+
+def _use_dense(need_s: bool, n_groups: int, clipped_fraction: float, tokens: int, rank: int) -> bool:
+    """Cost model in units of one ``T x out x in`` matmul. Dense: G itself (which also gives dL/ds)
+    plus two ``[out, in] x [in, r]`` products (``2r/T``). Low-rank: the gathered correction, plus the
+    recomputed ``x W^T`` when the scale trains (per channel; per group it needs G anyway)."""
+    if DENSE_CLIPPED_FRACTION is not None:
+        return (need_s and n_groups > 1) or clipped_fraction > DENSE_CLIPPED_FRACTION
+    if need_s and n_groups > 1:
+        return True
+    low_rank = (1.0 if need_s else 0.0) + GATHER_COST * clipped_fraction
+    return low_rank > 1.0 + 2.0 * rank / max(1, tokens)
 
 
 def _subtract_clipped(gf, xf, s, a, b, c, clipped, da, db) -> None:
