@@ -17,14 +17,13 @@ Variants: ``lora`` (frozen fp32 W plus rank-32 adapters, B = 0), ``lrqat-q4.4`` 
 ``lrqat-bf16`` (downcast of Phi0), ``peqa``, ``full_qat``; ``-autograd`` = the same method on the
 plain reference backward (``QATConfig.backward: autograd``, the pre-issue-14 path). W4 per channel,
 rank 32; range: Lp-4 on a 20-point grid for single linears, min-max for whole models (the shared
-builder of tools/bench_memory.py); LR-QAT adapters are then perturbed so that ``c B@A`` has a standard deviation
+builder of lrqat_dist.memory.benchmark); LR-QAT adapters are then perturbed so that ``c B@A`` has a standard deviation
 of ``--code-std`` grid steps (some codes clip, as after training; the clipped fraction is reported).
-Whole models are random-init at the real shape, fp32, token ids random.
+Whole models are random-init at the real shape (lrqat_dist.memory.benchmark.build), fp32, token ids random.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -79,11 +78,10 @@ def _cases(quick: bool) -> dict[str, dict]:
 
 
 def _bench_memory():
-    """Model and LoRA construction are shared with tools/bench_memory.py (one definition of each)."""
-    spec = importlib.util.spec_from_file_location("_bench_memory", ROOT / "tools" / "bench_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """Model construction is the memory benchmark's (lrqat_dist.memory.benchmark.build: one builder)."""
+    from lrqat_dist.memory import benchmark
+
+    return benchmark
 
 
 def _qat_config(v: dict, rank: int):
@@ -128,7 +126,9 @@ class _Runner:
         if case["kind"] == "linear":
             lin = nn.Linear(case["inp"], case["out"], bias=False)
             if v["method"] == "lora":
-                self.module = bm.make_lora_class()(lin, rank)
+                from lrqat_dist.methods.lora_reference import LoRALinear
+
+                self.module = LoRALinear(lin, rank)
             else:
                 from lrqat_dist.methods import METHODS
 
