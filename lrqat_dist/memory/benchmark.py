@@ -127,7 +127,8 @@ _COMPILED = None
 def compile_rebuild(model) -> int:
     """Experiment (not a library feature): replace each LR-QAT layer's ``weight_hat`` by one
     ``torch.compile``-d function of its tensors, so the elementwise chain (decode, + B@A, round,
-    clamp, * s) runs fused. Fixed-point Phi0 only; checked bit-equal to the eager weight."""
+    clamp, * s) runs fused. Fixed-point Phi0 only; checked bit-equal to the eager weight. Such layers
+    use the plain autograd backward (QATConfig.backward), the only path that calls ``weight_hat``."""
     import torch
 
     from ..methods import LRQATLinear
@@ -156,6 +157,7 @@ def compile_rebuild(model) -> int:
                                  dc.frac_bits, dc.shift, layer.spec.qmin, layer.spec.qmax)
 
             layer.weight_hat = fused
+            layer.backward = "autograd"  # the fast path rebuilds through fused_rebuild, not weight_hat
             with torch.no_grad():
                 if not torch.equal(fused(), eager):
                     raise AssertionError("compiled rebuild differs from the eager weight")
