@@ -4,6 +4,8 @@ test markers, applied here by file / test name so that the test files need no de
 ``pytest -m fast`` is the inner loop: everything that is not multi-process, does not start a
 subprocess, reads no real model and is not slow (README, "Run the tests"). CI runs everything.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,7 +29,21 @@ SLOW_TESTS = {("test_memory_plan.py", "test_planner_within_15_percent_of_a_measu
 NOT_FAST = ("multiprocess", "subprocess", "real_model", "slow")
 
 
+def _check_marker_lists(items) -> None:
+    """A renamed or deleted test must not leave a stale entry behind (its replacement would land in
+    the fast loop unmarked): every listed test of a collected file must exist."""
+    here = Path(__file__).parent
+    missing = [f for f in MULTIPROCESS_FILES if not (here / f).is_file()]
+    collected = {(item.path.name, getattr(item, "originalname", item.name)) for item in items}
+    files = {name for name, _ in collected}
+    missing += [f"{f}::{t}" for f, t in sorted(SUBPROCESS_TESTS | REAL_MODEL_TESTS | SLOW_TESTS)
+                if f in files and (f, t) not in collected]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py marker lists name tests that do not exist: {missing}")
+
+
 def pytest_collection_modifyitems(config, items):
+    _check_marker_lists(items)
     for item in items:
         key = (item.path.name, getattr(item, "originalname", item.name))
         if item.path.name in MULTIPROCESS_FILES:

@@ -162,7 +162,9 @@ def test_max_micro_batch_is_the_boundary():
 def test_shape_from_hf_config_dict_and_dir(tmp_path):
     d = SHAPES["gqa"].hf_config()
     assert ModelShape.from_hf_config(d).kv_dim == SHAPES["gqa"].kv_dim
-    smol = Path("~/.cache/lrqat_dist/models/smollm2-135m").expanduser()
+    from lrqat_dist.prep.gguf_model import model_dir
+
+    smol = model_dir("smollm2-135m")
     if smol.is_dir():
         got = ModelShape.from_hf_config(smol)
         assert replace(got, name="smollm2-135m") == ModelShape.preset("smollm2-135m")

@@ -154,7 +154,7 @@ def test_deepspeed_engine_uses_the_shared_optimizer_builder(tmp_path):
                                                      "betas": [0.8, 0.9], "eps": 1e-6},
                                     dist={"engine": "deepspeed", "ds_optimizer": "torch"}))
     model = build_model(cfg)
-    ds = DeepSpeedEngine._optimizer(model, EngineConfig(cfg.train, cfg.dist))
+    ds = DeepSpeedEngine._optimizer(model, EngineConfig(cfg.train, cfg.dist, lr_windows={}))
     ref = build_optimizer(model, cfg.train)
     assert type(ds) is torch.optim.AdamW and ds.defaults == ref.defaults and ds.defaults["foreach"] is False
     assert [{k: v for k, v in g.items() if k != "params"} for g in ds.param_groups] == \

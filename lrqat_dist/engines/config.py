@@ -127,4 +127,6 @@ class EngineConfig:
 
     train: TrainConfig
     dist: DistConfig = field(default_factory=DistConfig)
-    lr_windows: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    # Required (keyword): an engine built without its method's windows would silently train every
+    # group in every phase. Pass ``group_windows(quant)``; ``{}`` for methods without phases.
+    lr_windows: dict[str, tuple[int, int | None]] = field(kw_only=True)

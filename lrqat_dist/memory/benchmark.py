@@ -38,7 +38,6 @@ from .planner import ModelShape, Plan, PlanConfig, plan
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2 = Path("~/.cache/lrqat_dist/models/smollm2-135m").expanduser()
 
 CASES: dict[str, dict[str, Any]] = {
     "smollm2": dict(model="smollm2", batch=4, seq=256, dtype="fp32",
@@ -62,10 +61,17 @@ CASES: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 # model construction (worker side)
 # ----------------------------------------------------------------------------------------------
+def smollm2_dir() -> Path:
+    """The prepared SmolLM2-135M (tools/prepare_model.py), in the one cache (``$LRQAT_CACHE``)."""
+    from ..prep.gguf_model import model_dir
+
+    return model_dir("smollm2-135m")
+
+
 def shape_of(model_spec: str | dict) -> ModelShape:
     """``"smollm2"`` (the prepared SmolLM2-135M), ``{"preset": name, ...overrides}`` or ModelShape fields."""
     if model_spec == "smollm2":
-        return ModelShape.from_hf_config(SMOLLM2, name="smollm2-135m")
+        return ModelShape.from_hf_config(smollm2_dir(), name="smollm2-135m")
     spec = dict(model_spec)
     if "preset" in spec:
         base = ModelShape.preset(spec.pop("preset"))
@@ -101,7 +107,7 @@ def build(spec: dict):
     dtype = DTYPES[spec["dtype"]]
     m = parse_method(spec["method"])
     rank = spec.get("rank", 32)
-    source = {"path": SMOLLM2} if spec["model"] == "smollm2" else {"config": shape_of(spec["model"]).hf_config()}
+    source = {"path": smollm2_dir()} if spec["model"] == "smollm2" else {"config": shape_of(spec["model"]).hf_config()}
     if m["method"] == LORA:
         return build_prepared_model(QATConfig(), **source, dtype=dtype, lean=False,
                                     prepare_fn=lambda model: apply_lora(model, rank))
@@ -242,7 +248,7 @@ def worker_load(spec: dict) -> dict:
     with M.measure() as region:
         t0 = time.perf_counter()
         if spec["path"] in ("eager", "lean"):
-            model = build_prepared_model(quant, path=SMOLLM2, dtype=dtype, lean=spec["path"] == "lean")
+            model = build_prepared_model(quant, path=smollm2_dir(), dtype=dtype, lean=spec["path"] == "lean")
         else:  # lean random init of a named shape
             model = build_prepared_model(quant, config=shape_of(spec["model"]).hf_config(), dtype=dtype, lean=True)
         secs = time.perf_counter() - t0

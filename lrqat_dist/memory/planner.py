@@ -60,13 +60,13 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import DTYPES
+from ..engines.config import ENGINES
 from ..methods import METHODS as QAT_METHODS
 from ..methods.config import DEFAULT_TARGETS
 from ..methods.lora_reference import NAME as LORA
 
 GiB = 2**30
 TARGETS = tuple(DEFAULT_TARGETS)
-ENGINES = ("none", "deepspeed", "fsdp2")
 DTYPE_BYTES = {name: t.itemsize for name, t in DTYPES.items()}  # both spellings: bf16 / bfloat16 ...
 
 # [out, in] fp32 temporaries of one layer's weight rebuild, in units of 4*out*in bytes (measured:

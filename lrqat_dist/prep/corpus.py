@@ -144,8 +144,10 @@ def write_corpus_shards(corpus_dir: str | os.PathLike, docs_per_file: int = SHAR
         writer = SlimPajamaWriter(shards / split, kind, docs_per_file=docs_per_file, level=level)
         skips = write_records([str(corpus / name)], writer, where="write_corpus_shards")
         bad = {k: v for k, v in skips.items() if v}
-        if bad or writer.docs == 0:
-            raise RuntimeError(f"{corpus / name}: {writer.docs} documents written, unreadable records {bad}")
+        if writer.docs == 0:
+            raise RuntimeError(f"{corpus / name}: no documents written (skipped records: {bad})")
+        if bad:  # counted and carried on, as tools/make_shards.py does
+            logger.warning("%s: skipped records %s", corpus / name, bad)
         logger.info("%s: %d documents in %d file(s) under %s", split, writer.docs, len(writer.paths),
                     shards / split)
     return shards

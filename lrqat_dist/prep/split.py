@@ -84,7 +84,7 @@ def heldout_score(doc: CorpusDocument, salt: str = DEFAULT_SALT) -> float:
 
 def split_documents(docs: Sequence[CorpusDocument], heldout_fraction: float = 0.05,
                     salt: str = DEFAULT_SALT) -> tuple[list[CorpusDocument], list[CorpusDocument]]:
-    """CorpusDocument-level split by hash; every source with >= 2 documents gets at least one held out."""
+    """Document-level split by hash; every source with >= 2 documents gets at least one held out."""
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     held = {id(d) for d in docs if heldout_score(d, salt) < heldout_fraction}
@@ -99,7 +99,7 @@ def dedupe_paragraphs(train: Sequence[CorpusDocument], heldout: Sequence[CorpusD
                       min_heldout_kept: float = 0.5) -> tuple[list[CorpusDocument], list[CorpusDocument], dict[str, int]]:
     """Drop repeated paragraphs (first occurrence kept; training first), then held-out paragraphs that
     are in training verbatim/after normalization or whose word 13-grams are >= ``max_ngram_overlap``
-    seen in training. CorpusDocuments left empty are dropped, and so are held-out documents that keep less
+    seen in training. Documents left empty are dropped, and so are held-out documents that keep less
     than ``min_heldout_kept`` of their characters (a mostly duplicated page leaves only fragments)."""
     stats = {"train_dup_paragraphs": 0, "heldout_dup_paragraphs": 0, "heldout_ngram_paragraphs": 0,
              "heldout_docs_mostly_duplicate": 0}

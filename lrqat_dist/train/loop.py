@@ -101,7 +101,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, builders: Builders):
         self.cfg = cfg
         engine_cls = get_engine(cfg.dist.engine)
-        engine_cfg = EngineConfig(cfg.train, cfg.dist, group_windows(cfg.quant))
+        engine_cfg = EngineConfig(cfg.train, cfg.dist, lr_windows=group_windows(cfg.quant))
         self.env = env = engine_cls.setup(engine_cfg)
         self.output_dir = Path(cfg.train.output_dir)
         self.config_text = dump_config(cfg)
