@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,38 +59,47 @@ def perplexity_from_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048
                         max_blocks: int | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on the non-overlapping ``seq_len`` blocks of the 1-D token tensor ``ids``
     (progress: about ten INFO records of this module's logger)."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"perplexity: seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return perplexity_of(lambda batch: model(input_ids=batch.to(device), use_cache=False).logits, ids, seq_len,
+                             batch_size, max_blocks)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def perplexity_of(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, seq_len: int = 2048,
+                  batch_size: int = 1, max_blocks: int | None = None) -> PerplexityResult:
+    """The protocol of the module docstring for any ``logits_fn``: ``[b, seq_len]`` ids -> ``[b, seq_len, vocab]``
+    logits (a torch model, or another runtime such as llama.cpp)."""
     if seq_len < 2:
         raise ValueError(f"perplexity: seq_len must be >= 2, got {seq_len}")
     if batch_size < 1:
         raise ValueError(f"perplexity: batch_size must be >= 1, got {batch_size}")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ValueError(f"perplexity: seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     n_blocks = ids.numel() // seq_len
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks == 0:
         raise ValueError(f"perplexity: the text has {ids.numel()} tokens, fewer than one block of seq_len={seq_len}")
     t0 = time.time()
-    device = next(model.parameters()).device
     blocks = ids[: n_blocks * seq_len].view(n_blocks, seq_len)
-    was_training = model.training
-    model.eval()
     total_nll, predicted = 0.0, 0
     n_batches = -(-n_blocks // batch_size)
-    try:
-        for start in range(0, n_blocks, batch_size):
-            batch = blocks[start:start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                  batch[:, 1:].reshape(-1), reduction="sum")
-            total_nll += float(nll.double())
-            predicted += batch[:, 1:].numel()
-            done = min(start + batch_size, n_blocks)
-            if (start // batch_size + 1) % max(1, n_batches // 10) == 0 or done == n_blocks:
-                logger.info("[ppl] %d/%d blocks, running ppl %.4f", done, n_blocks, math.exp(total_nll / predicted))
-    finally:
-        model.train(was_training)
+    for start in range(0, n_blocks, batch_size):
+        batch = blocks[start:start + batch_size]
+        logits = logits_fn(batch)
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                              batch[:, 1:].reshape(-1).to(logits.device), reduction="sum")
+        total_nll += float(nll.double())
+        predicted += batch[:, 1:].numel()
+        done = min(start + batch_size, n_blocks)
+        if (start // batch_size + 1) % max(1, n_batches // 10) == 0 or done == n_blocks:
+            logger.info("[ppl] %d/%d blocks, running ppl %.4f", done, n_blocks, math.exp(total_nll / predicted))
     nll = total_nll / predicted
     return PerplexityResult(ppl=math.exp(nll), nll=nll, predicted_tokens=predicted, blocks=n_blocks,
                             seq_len=seq_len, text_tokens=ids.numel(), seconds=time.time() - t0)

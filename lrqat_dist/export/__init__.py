@@ -5,7 +5,8 @@
     print(report.summary())
 
 Formats: ``compressed-tensors`` (pack-quantized; transformers and vLLM), ``native`` (our packed
-codes + fp32 scales, :func:`load_native`), ``dequantized`` (plain HF weights). Every export is read
+codes + fp32 scales, :func:`load_native`), ``dequantized`` (plain HF weights), ``gguf`` (one file
+for llama.cpp / Ollama; the trained grid in Q4_0/Q5_0/Q8_0/Q4_1/Q5_1 blocks, fp16 scales). Every export is read
 back and compared bit for bit with :func:`lrqat_dist.fold` before it is put in place; what a format
 cannot store exactly is refused with :class:`ExportRefused`.
 """
@@ -18,11 +19,12 @@ from torch import nn
 from .compressed_tensors import export_compressed_tensors, load_compressed_tensors
 from .dequantized import export_dequantized
 from .exactness import ExportRefused, round_scales_
+from .gguf import export_gguf
 from .native import export_native, load_native, read_native
 from .verify import ExportReport, ExportVerificationError
 
 EXPORTERS = {"compressed-tensors": export_compressed_tensors, "native": export_native,
-             "dequantized": export_dequantized}
+             "dequantized": export_dequantized, "gguf": export_gguf}
 
 
 def export_model(model: nn.Module, out_dir: str | Path, format: str, tokenizer=None, **kwargs) -> ExportReport:
@@ -35,5 +37,5 @@ def export_model(model: nn.Module, out_dir: str | Path, format: str, tokenizer=N
 
 
 __all__ = ["export_model", "export_compressed_tensors", "export_native", "export_dequantized", "load_native",
-           "read_native", "load_compressed_tensors", "round_scales_", "ExportRefused", "ExportReport",
+           "read_native", "load_compressed_tensors", "export_gguf", "round_scales_", "ExportRefused", "ExportReport",
            "ExportVerificationError", "EXPORTERS"]

@@ -57,6 +57,7 @@ class ExportReport:
     checks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stats: dict = field(default_factory=dict)  # format-specific measured numbers (e.g. GGUF's m rounding)
 
     def summary(self) -> str:
         lines = [f"{self.format} export -> {self.path} ({self.dtype}, {self.quantized_layers} quantized layers, "
@@ -68,7 +69,7 @@ class ExportReport:
     def to_dict(self) -> dict:
         return {"format": self.format, "path": str(self.path), "dtype": self.dtype,
                 "quantized_layers": self.quantized_layers, "checks": self.checks, "notes": self.notes,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), **({"stats": self.stats} if self.stats else {})}
 
 
 class Checker:
