@@ -107,6 +107,30 @@ def test_gradients_ste_and_lsq():
     assert not frozen.scale.requires_grad
 
 
+def test_symmetric_dynamic_inputs_match_compressed_tensors():
+    """a8's symmetric per-token int8 grid is compressed-tensors' own (what transformers and vLLM's
+    int-activation schemes are configured with): s = max|x| / 127.5, codes in [-128, 127], no zero-point."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(3)) * torch.tensor([0.1, 1, 10, 100, 0.0])[:, None]
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    q = DynamicActQuantizer(8, symmetric=True)
+    s, z = q.qparams(x)
+    assert torch.equal(z, torch.zeros_like(z))
+    lib_s, _ = calculate_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), args)
+    assert torch.equal(s[:4], lib_s[:4])  # the all-zero row: our scale 1 (exact zeros either way)
+    got = q(x)
+    assert torch.equal(got[:4], fake_quantize(x[:4], lib_s[:4], None, args)) and torch.equal(got[4], x[4])
+    codes = torch.round(x[:4] / s[:4])
+    assert int(codes.min()) >= -128 and int(codes.max()) <= 128  # +128 (x = max) clamps to 127
+    assert ActQuantConfig.from_value("a8").symmetric and not ActQuantConfig.from_value("a8asym").symmetric
+    assert "symmetric inputs" in ActQuantConfig.from_value("a8").describe()
+    del ct
+
+
 # --- config -------------------------------------------------------------------------------------
 
 def test_config_presets_and_yaml_errors():
@@ -156,7 +180,8 @@ def test_placement_quantizes_linear_inputs_and_post_rope_qkv(family, impl, prese
         if n == "lm_head":
             assert seen[n] is raw[n]  # full precision
         else:
-            assert torch.equal(seen[n], DynamicActQuantizer(cfg.bits)(raw[n])) and not torch.equal(seen[n], raw[n])
+            want = DynamicActQuantizer(cfg.bits, symmetric=cfg.symmetric)(raw[n])
+            assert torch.equal(seen[n], want) and not torch.equal(seen[n], raw[n])
     if cfg.kv_bits is None:
         assert not attn_q and model.config._attn_implementation == impl
         return
@@ -241,13 +266,20 @@ def test_exports_carry_or_refuse_activation_quant(tmp_path):
     with torch.no_grad():
         want = a8(ids).logits
         weight_only = _prepared("llama", "sdpa")(ids).logits
-    export_model(a8, tmp_path / "ct", "compressed-tensors")
-    group = json.loads((tmp_path / "ct/config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
-    want_args = {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}
-    assert {k: group["input_activations"][k] for k in want_args} == want_args
-    with torch.no_grad():  # transformers + compressed-tensors run the int8 inputs: same logits, bit for bit
-        got = load_compressed_tensors(tmp_path / "ct")(ids).logits
-    assert torch.equal(got, want) and not torch.equal(got, weight_only)
+    # a8 (symmetric int8 inputs) and a8asym: written int-quantized (the format vLLM's W4A8/W8A8 int
+    # schemes load), and transformers + compressed-tensors run the int8 inputs: same logits, bit for bit.
+    for preset, model, symmetric in (("a8", a8, True), ("a8asym", _prepared("llama", "sdpa", "a8asym"), False)):
+        with torch.no_grad():
+            want = model(ids).logits
+        export_model(model, tmp_path / preset, "compressed-tensors")
+        qc = json.loads((tmp_path / preset / "config.json").read_text())["quantization_config"]
+        group = qc["config_groups"]["group_0"]
+        want_args = {"num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": "token", "dynamic": True}
+        assert {k: group["input_activations"][k] for k in want_args} == want_args
+        assert qc["format"] == group["format"] == "int-quantized"
+        with torch.no_grad():
+            got = load_compressed_tensors(tmp_path / preset)(ids).logits
+        assert torch.equal(got, want) and not torch.equal(got, weight_only), preset
 
     a4kv4 = _prepared("llama", "sdpa", "a4kv4")
     for fmt in ("compressed-tensors", "dequantized"):

@@ -38,7 +38,7 @@ SETTINGS: dict[str, dict] = {
     "w3g64": {"bits": 3, "group_size": 64, "symmetric": True},
     "w2g64a": {"bits": 2, "group_size": 64, "symmetric": False},
     # weight-and-activation (issue 8): W4 per-channel weights plus the activation preset
-    "w4a8pc": {"bits": 4, "group_size": None, "symmetric": True, "activations": "a8"},
+    "w4a8pc": {"bits": 4, "group_size": None, "symmetric": True, "activations": "a8asym"},
     "w4a4kv4pc": {"bits": 4, "group_size": None, "symmetric": True, "activations": "a4kv4"},
 }
 

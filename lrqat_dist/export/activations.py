@@ -73,7 +73,7 @@ def input_activation_args(cfg: ActQuantConfig | None):
 
     if cfg is None or not compressed_tensors_parts(cfg)[0]:
         return None
-    return QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="token", dynamic=True)
+    return QuantizationArgs(num_bits=8, type="int", symmetric=cfg.symmetric, strategy="token", dynamic=True)
 
 
 def check_carried(fmt: str, cfg: ActQuantConfig | None, drop: bool) -> list[str]:

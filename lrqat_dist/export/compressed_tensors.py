@@ -1,8 +1,13 @@
-"""Export to the compressed-tensors ``pack-quantized`` format (read by transformers and vLLM).
+"""Export to the compressed-tensors ``pack-quantized`` / ``int-quantized`` formats (transformers, vLLM).
 
-Per quantized linear ``P``: ``P.weight_packed`` (int32, codes packed along the input dimension),
-``P.weight_scale`` (``[out, n_groups]`` in the export dtype), ``P.weight_shape`` and, asymmetric only,
-``P.weight_zero_point`` (packed along the output dimension). Packing and the decompression used to
+Weight-only models are written ``pack-quantized``. Per quantized linear ``P``: ``P.weight_packed``
+(int32, codes packed along the input dimension), ``P.weight_scale`` (``[out, n_groups]`` in the
+export dtype), ``P.weight_shape`` and, asymmetric only, ``P.weight_zero_point`` (packed along the
+output dimension). Models whose linear inputs are quantized (dynamic per-token int8) are written
+``int-quantized``: ``P.weight`` holds the codes as int8 (one per byte, unpacked) and the zero-point,
+if any, is int8 ``[out, n_groups]``; vLLM only matches its int-activation schemes (W4A8 / W8A8 int)
+in that format (``pack-quantized`` with ``input_activations`` finds "No compressed-tensors
+compatible scheme"). Packing and the decompression used to
 verify the files are the *installed* compressed_tensors library's own functions, so the bit layout
 (which changed for 3-bit in 2026) is whatever the library that will read the checkpoint expects.
 
@@ -58,6 +63,12 @@ def quantization_args(spec: QuantSpec):
                             group_size=spec.group_size, dynamic=False)
 
 
+def weight_format(input_activations) -> str:
+    """``int-quantized`` when the linears' inputs are quantized (what vLLM's W4A8 / W8A8 int schemes
+    load), else ``pack-quantized`` (WNA16)."""
+    return "pack-quantized" if input_activations is None else "int-quantized"
+
+
 def build_quantization_config(model: nn.Module, specs: dict[str, QuantSpec], input_activations=None):
     """One config group per distinct grid. A single grid targets every ``Linear`` (the usual form,
     what vLLM expects); the linears left in full precision (``lm_head``...) go to ``ignore``.
@@ -70,9 +81,9 @@ def build_quantization_config(model: nn.Module, specs: dict[str, QuantSpec], inp
     single = len(by_spec) == 1
     groups = {f"group_{i}": QuantizationScheme(targets=["Linear"] if single else names,
                                                weights=quantization_args(spec), input_activations=input_activations,
-                                               format="pack-quantized")
+                                               format=weight_format(input_activations))
               for i, (spec, names) in enumerate(by_spec.items())}
-    return QuantizationConfig(config_groups=groups, format="pack-quantized",
+    return QuantizationConfig(config_groups=groups, format=weight_format(input_activations),
                               quantization_status=QuantizationStatus.COMPRESSED,
                               ignore=unquantized_linears(model, list(specs)))
 
@@ -81,7 +92,7 @@ def _offset(fw: FoldedWeight) -> int:
     return 0 if fw.symmetric else 2 ** (fw.bits - 1)
 
 
-def pack_layer(fw: FoldedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def pack_layer(fw: FoldedWeight, dtype: torch.dtype, fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors (local names) of one folded layer."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -89,6 +100,11 @@ def pack_layer(fw: FoldedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     spec = fw.spec
     if int(fw.codes.min()) < spec.qmin or int(fw.codes.max()) > spec.qmax:
         raise ValueError(f"codes outside the {fw.bits}-bit grid [{spec.qmin}, {spec.qmax}]")
+    if fmt == "int-quantized":
+        out = {"weight": (fw.codes - off).to(torch.int8), "weight_scale": fw.scale.to(dtype)}
+        if not fw.symmetric:
+            out["weight_zero_point"] = (fw.zero_point - off).to(torch.int8)
+        return out
     out = {"weight_packed": pack_to_int32((fw.codes - off).to(torch.int8), fw.bits),
            "weight_scale": fw.scale.to(dtype),
            "weight_shape": torch.tensor(list(fw.codes.shape), dtype=torch.int64)}
@@ -98,10 +114,14 @@ def pack_layer(fw: FoldedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def unpack_layer(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Our int32 codes (and zero-point) back from the packed tensors, via the library's own unpacking."""
+    """Our int32 codes (and zero-point) back from the packed tensors, via the library's own unpacking
+    (``int-quantized``: the int8 tensors as they are)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     off = 0 if spec.symmetric else 2 ** (spec.bits - 1)
+    if "weight" in tensors:
+        zp = tensors.get("weight_zero_point")
+        return tensors["weight"].to(torch.int32) + off, None if zp is None else zp.to(torch.int32) + off
     shape = torch.Size(tensors["weight_shape"].tolist())
     codes = unpack_from_int32(tensors["weight_packed"], spec.bits, shape).to(torch.int32) + off
     zp = None
@@ -113,11 +133,13 @@ def unpack_layer(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[tor
 
 def decompress_layer(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     """The dense weight exactly as the library (hence transformers) decompresses it."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
     scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(spec))
-    return PackedQuantizationCompressor.decompress(dict(tensors), scheme)["weight"]
+    compressor = IntQuantizationCompressor if "weight" in tensors else PackedQuantizationCompressor
+    return compressor.decompress(dict(tensors), scheme)["weight"]
 
 
 def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=None, *,
@@ -152,6 +174,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant)
     qconfig = build_quantization_config(model, {n: layer.spec for n, layer in layers.items()},
                                         input_activation_args(act_cfg))
+    fmt = weight_format(input_activation_args(act_cfg))
     cast = DenseCaster(FORMAT, dtype, allow_rounding)
     report = ExportReport(FORMAT, Path(out_dir), dtype_name(dtype), len(layers))
 
@@ -162,7 +185,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
             writer.add(k, v)
         for i, (name, layer) in enumerate(layers.items()):
             fw = layer.fold()
-            for k, v in pack_layer(fw, dtype).items():
+            for k, v in pack_layer(fw, dtype, fmt).items():
                 writer.add(f"{name}.{k}", v)
             if fw.bias is not None:
                 dense[f"{name}.bias"] = cast(f"{name}.bias", fw.bias)
@@ -180,7 +203,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
         logger.info("[export] verifying %s", stage)
         report.checks.append(_check_config(stage, model, layers, input_activation_args(act_cfg)))
         report.checks.append(check_dense(stage, dense, extra_ok=lambda k: k.rpartition(".")[0] in layers))
-        report.checks.append(_check_layers(stage, layers, dtype))
+        report.checks.append(_check_layers(stage, layers, dtype, fmt))
         if verify_load:
             report.checks.append(_check_transformers_load(stage, layers, dense, dtype))
     report.seconds = time.time() - t0
@@ -197,7 +220,7 @@ def _check_config(stage: Path, model: nn.Module, layers: dict, input_activations
     raw = json.loads((stage / "config.json").read_text())["quantization_config"]
     qc = QuantizationConfig.model_validate(raw)
     checker = Checker(f"{stage}/config.json")
-    if qc.format != "pack-quantized" or qc.quantization_status != QuantizationStatus.COMPRESSED:
+    if qc.format != weight_format(input_activations) or qc.quantization_status != QuantizationStatus.COMPRESSED:
         checker.fail(f"format/status are {qc.format}/{qc.quantization_status}")
     probe = nn.Linear(1, 1, device="meta")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + list(layers)
@@ -221,12 +244,13 @@ def _check_config(stage: Path, model: nn.Module, layers: dict, input_activations
                           f"{len(layers)} layers to their grids, {len(linears) - len(layers)} linears ignored")
 
 
-def _check_layers(stage: Path, layers: dict, dtype: torch.dtype) -> str:
+def _check_layers(stage: Path, layers: dict, dtype: torch.dtype, fmt: str = "pack-quantized") -> str:
     files = SafetensorsDir(stage)
     checker = Checker(f"{stage}: quantized layers")
     for i, (name, layer) in enumerate(layers.items()):
         fw = layer.fold()
-        keys = ["weight_packed", "weight_scale", "weight_shape"] + ([] if fw.symmetric else ["weight_zero_point"])
+        keys = (["weight", "weight_scale"] if fmt == "int-quantized" else
+                ["weight_packed", "weight_scale", "weight_shape"]) + ([] if fw.symmetric else ["weight_zero_point"])
         tensors = {k: files.get(f"{name}.{k}") for k in keys}
         codes, zp = unpack_layer(tensors, fw.spec)
         checker.tensor(f"{name} codes", codes, fw.codes)
@@ -235,7 +259,7 @@ def _check_layers(stage: Path, layers: dict, dtype: torch.dtype) -> str:
         checker.tensor(f"{name} scale", tensors["weight_scale"].float(), fw.scale)
         checker.tensor(f"{name} dequantized", decompress_layer(tensors, fw.spec), fw.dequantize().to(dtype))
         progress(logger, "verified", i, len(layers))
-    return checker.finish(f"{len(layers)} layers: codes/zero-points unpacked with compressed_tensors equal "
+    return checker.finish(f"{len(layers)} layers ({fmt}): codes/zero-points read with compressed_tensors equal "
                           f"fold(), scales exact, library decompression == fold().dequantize() "
                           f"({dtype_name(dtype)}) bit for bit")
 

@@ -19,14 +19,17 @@ ACT_MODES = ("dynamic", "static")
 STATIC_RANGES = ("learned", "calibrated")
 KV_GRANULARITIES = ("token", "head")
 
-# name -> field values. a8 touches only the linears' inputs (exactly what compressed-tensors and vLLM
-# run as dynamic per-token int8); the kv presets also quantize keys / values (the KV cache) and the
-# queries, after RoPE, as in LR-QAT Table 5 (following LLM-QAT / OmniQuant).
+# name -> field values. a8 touches only the linears' inputs, symmetric dynamic per-token int8: the
+# scheme vLLM's int-activation kernels serve (W4A8 / W8A8 int; its loader rejects asymmetric int8
+# inputs next to int4 weights). a8asym is the same with asymmetric inputs (transformers runs it; vLLM
+# does not). The kv presets also quantize keys / values (the KV cache) and the queries, after RoPE,
+# as in LR-QAT Table 5 (following LLM-QAT / OmniQuant), asymmetric as there.
 PRESETS: dict[str, dict[str, Any]] = {
-    "a8": {"bits": 8, "kv_bits": None, "query_bits": None},
-    "a8kv8": {"bits": 8, "kv_bits": 8, "query_bits": 8},
-    "a8kv4": {"bits": 8, "kv_bits": 4, "query_bits": 8},
-    "a4kv4": {"bits": 4, "kv_bits": 4, "query_bits": 4},
+    "a8": {"bits": 8, "kv_bits": None, "query_bits": None, "symmetric": True},
+    "a8asym": {"bits": 8, "kv_bits": None, "query_bits": None, "symmetric": False},
+    "a8kv8": {"bits": 8, "kv_bits": 8, "query_bits": 8, "symmetric": False},
+    "a8kv4": {"bits": 8, "kv_bits": 4, "query_bits": 8, "symmetric": False},
+    "a4kv4": {"bits": 4, "kv_bits": 4, "query_bits": 4, "symmetric": False},
 }
 
 
@@ -34,12 +37,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 class ActQuantConfig:
     """Activation quantization placement and grids.
 
-    preset:         optional starting point (``a8``, ``a8kv8``, ``a8kv4``, ``a4kv4``); the other keys
+    preset:         optional starting point (``a8``, ``a8asym``, ``a8kv8``, ``a8kv4``, ``a4kv4``); the other keys
                     given next to it override the preset's values.
     bits:           inputs of every quantized linear (q/k/v/o/gate/up/down, i.e. also those after
                     the norms); null = leave them in full precision.
     kv_bits:        keys after RoPE and values, as the attention (and a KV cache) sees them; null = off.
     query_bits:     queries after RoPE (the other operand of Q K^T); null = off.
+    symmetric:      the linears' inputs (``bits``) on the signed grid with ``s = max|x| / ((2^b-1)/2)``
+                    and no zero-point (what vLLM's int8-activation kernels run, dynamic);
+                    false = asymmetric min-max with an integer zero-point. Keys / values / queries
+                    are always asymmetric.
     mode:           ``dynamic`` (per-token min-max at run time, nothing learned; the paper's setting)
                     or ``static`` (one calibrated range per tensor; needs calibrate_activations).
     static_range:   ``learned`` (fp32 scale trained with LSQ's gradient, in the scale lr group) or
@@ -52,6 +59,7 @@ class ActQuantConfig:
     bits: int | None = 8
     kv_bits: int | None = None
     query_bits: int | None = None
+    symmetric: bool = False
     mode: str = "dynamic"
     static_range: str = "learned"
     kv_granularity: str = "token"
@@ -70,6 +78,10 @@ class ActQuantConfig:
         if self.kv_granularity not in KV_GRANULARITIES:
             raise ValueError(f"kv_granularity: unknown {self.kv_granularity!r}; expected one of "
                              f"{', '.join(KV_GRANULARITIES)}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric: expected true or false, got {self.symmetric!r}")
+        if self.symmetric and self.bits is None:
+            raise ValueError("symmetric: applies to the linears' inputs, but bits is null")
         if self.bits is None and self.kv_bits is None and self.query_bits is None:
             raise ValueError("bits: bits, kv_bits and query_bits are all null; drop quant.activations instead")
 
@@ -100,7 +112,10 @@ class ActQuantConfig:
         if self.query_bits:
             parts.append(f"Q{self.query_bits}")
         how = "dynamic per-token" if self.mode == "dynamic" else f"static per-tensor ({self.static_range})"
-        return f"{'-'.join(parts)} {how} asymmetric"
+        sym = "symmetric inputs" if self.symmetric else "asymmetric"
+        if self.symmetric and (self.kv_bits or self.query_bits):
+            sym += ", asymmetric q/k/v"
+        return f"{'-'.join(parts)} {how} {sym}"
 
 
 ACT_FIELDS = tuple(f.name for f in fields(ActQuantConfig))

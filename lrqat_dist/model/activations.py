@@ -39,10 +39,11 @@ ATTN_QUANT = "act_quant"
 
 # --- the quantizer modules -------------------------------------------------------------------
 
-def make_quantizer(bits: int, cfg: ActQuantConfig, reduce_dims: tuple[int, ...], name: str) -> nn.Module:
+def make_quantizer(bits: int, cfg: ActQuantConfig, reduce_dims: tuple[int, ...], name: str,
+                   symmetric: bool = False) -> nn.Module:
     if cfg.mode == "dynamic":
-        return DynamicActQuantizer(bits, reduce_dims)
-    return StaticActQuantizer(bits, learned=cfg.static_range == "learned", name=name)
+        return DynamicActQuantizer(bits, reduce_dims, symmetric)
+    return StaticActQuantizer(bits, learned=cfg.static_range == "learned", name=name, symmetric=symmetric)
 
 
 class AttentionActQuant(nn.Module):
@@ -148,7 +149,8 @@ def apply_activation_quant(model: nn.Module, cfg: ActQuantConfig, linear_names: 
         raise ValueError("activations: model already has activation quantizers; remove_activation_quant first")
     if cfg.bits is not None:
         for name in linear_names:
-            attach_input_quantizer(model.get_submodule(name), make_quantizer(cfg.bits, cfg, (-1,), f"{name}.input"))
+            attach_input_quantizer(model.get_submodule(name), make_quantizer(cfg.bits, cfg, (-1,), f"{name}.input",
+                                                                              cfg.symmetric))
     if cfg.kv_bits is not None or cfg.query_bits is not None:
         impl = model.config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
