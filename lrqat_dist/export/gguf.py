@@ -508,7 +508,7 @@ def _check_file(path: Path, expected: dict, plan: dict, m_err: dict, config) -> 
         if name in q_types and t.tensor_type.name != q_types[name].qtype:
             checker.fail(f"{name}: stored as {t.tensor_type.name}, planned {q_types[name].qtype}")
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
-        g, w = torch.from_numpy(np.ascontiguousarray(got, dtype=np.float32)), torch.from_numpy(
+        g, w = torch.from_numpy(np.array(got, dtype=np.float32)), torch.from_numpy(
             np.ascontiguousarray(want, dtype=np.float32))
         if exact:
             checker.tensor(name, g, w)

@@ -81,3 +81,60 @@ class LlamaCpp:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@torch.no_grad()
+def check_gguf_runtimes(path: str | Path, model, tokenizer, probe_ids: torch.Tensor, log=None) -> tuple[list[str], dict]:
+    """Load ``path`` the way its consumers do and compare with the exported ``model`` (after
+    :func:`lrqat_dist.export.export_gguf`, i.e. with fp16 scales): transformers' GGUF loader must give
+    every quantized weight as ``fold().dequantize()`` (bit for bit for Q4_0/Q5_0/Q8_0, within the
+    reported fp16 rounding of ``m`` for Q4_1/Q5_1) and the original tokenizer's ids; llama.cpp (if
+    installed) is compared on ``probe_ids`` ([1, T]) with that dequantized model. Returns (checks, stats)."""
+    from ..model import quantized_layers
+    from .verify import ExportVerificationError
+
+    log = log or (lambda msg: None)
+    checks, stats = [], {}
+    log(f"[export] loading {path} with transformers' GGUF reader")
+    deq, gguf_tok = load_gguf_dequantized(path)
+    worst, n_exact, failures = 0.0, 0, []
+    for name, layer in quantized_layers(model).items():
+        fw = layer.fold()
+        want, got = fw.dequantize(), deq.get_submodule(name).weight.detach().float()
+        if torch.equal(got, want):
+            n_exact += 1
+            continue
+        err = (got - want).abs().max().item()
+        worst = max(worst, err)
+        if fw.symmetric or err > fw.scale.abs().max().item() * 2 ** -6:
+            failures.append(f"{name}: max abs diff {err:.3e}")
+    if failures:
+        raise ExportVerificationError("transformers' GGUF reader: weights differ from the fold:\n  - "
+                                      + "\n  - ".join(failures[:10]))
+    sample = "The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023; naïve café, 東京."
+    same_ids = gguf_tok(sample, add_special_tokens=False).input_ids == tokenizer(sample, add_special_tokens=False).input_ids
+    if not same_ids:
+        raise ExportVerificationError("transformers' GGUF reader: the file's tokenizer encodes a sample differently "
+                                      "from the model's tokenizer")
+    stats["transformers_gguf_max_abs_weight_diff"] = worst
+    checks.append(f"transformers' GGUF loader: {n_exact} quantized weights equal fold().dequantize() bit for bit"
+                  + (f", the others within {worst:.3e} (fp16 rounding of m)" if worst else "")
+                  + "; the file's tokenizer encodes a sample like the model's")
+    missing = llama_cpp_missing()
+    if missing:
+        stats["llama_cpp"] = f"skipped: {missing}"
+        return checks, stats
+    ids = probe_ids[0]
+    ref = deq(input_ids=ids[None]).logits[0].float()
+    with LlamaCpp(path, n_ctx=max(64, len(ids))) as lc:
+        got = lc.logits(ids)
+        tok_same = lc.tokenize(sample) == tokenizer(sample, add_special_tokens=False).input_ids
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1].double(), ids[1:]).item()  # noqa: E731
+    diff = (got - ref).abs()
+    stats.update({"llama_cpp_max_abs_logit_diff": diff.max().item(), "llama_cpp_mean_abs_logit_diff": diff.mean().item(),
+                  "llama_cpp_nll": nll(got), "dequantized_nll": nll(ref), "probe_tokens": len(ids),
+                  "llama_cpp_tokenizer_same": tok_same})
+    checks.append(f"llama.cpp loads it: logits vs the dequantized export on {len(ids)} probe tokens max |diff| "
+                  f"{diff.max().item():.3f} (mean {diff.mean().item():.4f}); NLL {nll(got):.4f} vs {nll(ref):.4f}; "
+                  f"llama.cpp's tokenizer {'matches' if tok_same else 'DIFFERS from'} the model's on a sample")
+    return checks, stats
