@@ -139,3 +139,50 @@ def test_eval_tool_on_exports_matches_training_model(tmp_path, offline, capsys):
     table = capsys.readouterr().out
     assert "tiny_mc" in table and "perplexity" in table
     assert tool.main([str(tmp_path / "nowhere"), "--ppl-files", str(tmp_path / "t.txt")]) == 2
+
+
+WIKI = Path(__file__).parent / "fixtures" / "wikitext2_tiny"  # the HF test split's format, 36 rows
+
+
+def test_wikitext2_gptq_protocol(tmp_path, offline):
+    """--ppl wikitext2: the rows (from parquet, jsonl or the raw file alike) joined with "\\n\\n",
+    tokenized once, numel // seq_len blocks; ppl = exp(mean over blocks of the block's mean NLL)
+    exactly as GPTQ computes it (here with seq_len 64 instead of 2048)."""
+    from lrqat_dist.eval.wikitext import wikitext2_rows, wikitext2_text
+
+    rows = [json.loads(line)["text"] for line in (WIKI / "test.jsonl").read_text().splitlines()]
+    assert rows[:2] == [" = Robert Boulter = \n", ""] and len(rows) == 36
+    for f in ("wiki.test.raw", "test.jsonl", "test-00000-of-00001.parquet"):
+        assert wikitext2_rows(WIKI / f) == rows, f
+    assert wikitext2_rows(WIKI)  # a directory: the first known file in it
+    text, n = wikitext2_text(WIKI / "wiki.test.raw")
+    assert n == 36 and text == "\n\n".join(rows) and " = Robert Boulter = \n\n\n\n\n Robert" in text
+    with pytest.raises(FileNotFoundError, match="local copy"):
+        wikitext2_rows(tmp_path / "missing.parquet")
+
+    model, tok = tiny_lm(seed=2)
+    seq_len = 64
+    enc = tok(text, return_tensors="pt").input_ids  # GPTQ: tokenizer("\n\n".join(rows), return_tensors="pt")
+    nsamples = enc.numel() // seq_len
+    nlls = []
+    with torch.no_grad():
+        for i in range(nsamples):
+            batch = enc[:, i * seq_len:(i + 1) * seq_len]
+            logits = model(batch).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), batch[0, 1:])
+            nlls.append(loss.float() * seq_len)
+    gptq = torch.exp(torch.stack(nlls).sum() / (nsamples * seq_len)).item()
+
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    tool = _tool("eval")
+    for f in ("wiki.test.raw", "test-00000-of-00001.parquet"):
+        out = tmp_path / f"{f}.json"
+        assert tool.main([str(tmp_path / "hf"), "--ppl", "wikitext2", "--wikitext-path", str(WIKI / f),
+                          "--seq-len", str(seq_len), "--out", str(out)]) == 0
+        res = json.loads(out.read_text())["perplexity"]
+        assert res["rows"] == 36 and res["blocks"] == nsamples and res["text_tokens"] == enc.numel()
+        assert res["ppl"] == pytest.approx(gptq, rel=1e-5)
+        assert "seq_len 64 instead of the protocol's 2048" in res["deviation"]
+    with pytest.raises(SystemExit):
+        tool.parse_args([str(tmp_path / "hf"), "--ppl", "wikitext2"])  # no local path: usage error

@@ -93,3 +93,59 @@ def test_eval_tool_on_a_run(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(str(FIXTURE / "byte_tokenizer"))
     assert res["model"]["kind"] == "run"
     assert res["perplexity"]["ppl"] == text_perplexity(model, tok, TEXT, seq_len=64).ppl
+
+
+def _set_quant(root: Path, **quant):
+    """Rewrite fake_run's config with another grid (the checkpoint is rebuilt to match)."""
+    from lrqat_dist.train.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.train.build import build_model
+    from lrqat_dist.train.config import dump_config, load_config
+
+    cfg = load_config(base={
+        "model": {"config": tiny_config(vocab_size=260), "tokenizer": str(FIXTURE / "byte_tokenizer"), "init_seed": 3},
+        "quant": {"rank": 4, "range_init": "minmax", **quant}, "train": {"output_dir": str(root)}})
+    model = build_model(cfg, "cpu", torch.float32)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = checkpoint_path(root, 1)
+    ckpt.mkdir(parents=True)
+    for d in (root, ckpt):
+        (d / CONFIG_FILE).write_text(dump_config(cfg))
+    save_file(trainable, str(ckpt / TRAINABLE_FILE))
+    (ckpt / META_FILE).write_text(json.dumps({"format": 1, "step": 1, "engine": "none", "world_size": 1,
+                                              "zero_stage": None, "trainable": list(trainable), "complete": True}))
+
+
+def test_export_tool_targets_and_gguf(tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("gguf")
+    tool = _tool("export")
+    fake_run(tmp_path / "w3")  # W3 g32 asymmetric
+    # vLLM has no 3-bit kernel: refused, nothing written; the table names what would serve
+    assert tool.main([str(tmp_path / "w3"), "--format", "compressed-tensors", "--target", "vllm",
+                      "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err
+    assert "--target vllm" in err and "W3: no vLLM GPU kernel" in err and not (tmp_path / "ct").exists()
+    assert "llama.cpp    yes  GGUF Q4_0 x14" in err  # asymmetric 3-bit: u - z fits Q4_0 exactly
+    # ... but llama.cpp serves it: a GGUF file, exact (Q4_0), with its record
+    assert tool.main([str(tmp_path / "w3"), "--format", "gguf", "--target", "llama.cpp",
+                      "--out", str(tmp_path / "m.gguf")]) == 0
+    record = json.loads((tmp_path / "m.gguf.lrqat_export.json").read_text())
+    assert record["stats"]["types"] == {"Q4_0": 14} and record["stats"]["m_rounding_max_abs"] == 0
+    assert any("bit for bit" in c for c in record["checks"])
+    assert tool.main([str(tmp_path / "w3"), "--format", "native", "--target", "llama.cpp",
+                      "--out", str(tmp_path / "n")]) == 2
+    assert "reads gguf, not format 'native'" in capsys.readouterr().err
+
+    _set_quant(tmp_path / "a8asym", bits=4, group_size=32, symmetric=True, activations="a8asym")
+    assert tool.main([str(tmp_path / "a8asym"), "--format", "compressed-tensors", "--target", "vllm",
+                      "--out", str(tmp_path / "x")]) == 2
+    assert "asymmetric int8 inputs" in capsys.readouterr().err
+    _set_quant(tmp_path / "a8", bits=4, group_size=32, symmetric=True, activations="a8")
+    assert tool.main([str(tmp_path / "a8"), "--format", "compressed-tensors", "--target", "vllm", "--dtype",
+                      "float16", "--round-scales", "--allow-rounding", "--out", str(tmp_path / "a8ct")]) == 0
+    out = capsys.readouterr().out
+    assert "CompressedTensorsW4A8Int" in out and "vllm serve" in out
+    qc = json.loads((tmp_path / "a8ct" / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == "int-quantized" and group["input_activations"]["symmetric"] is True
+    assert (group["weights"]["num_bits"], group["weights"]["symmetric"]) == (4, True)

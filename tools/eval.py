@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Evaluate a training run, a native or compressed-tensors export, or a plain HF model directory.
 
-    python tools/eval.py exports/tiny-ct --ppl-files wikitext-2-raw/wiki.test.raw --seq-len 2048
+    python tools/eval.py exports/7b-ct --ppl wikitext2 --wikitext-path data/wikitext-2-raw-v1   # GPTQ protocol
+    python tools/eval.py exports/7b.gguf --ppl wikitext2 --wikitext-path wiki.test.raw --runtime llama.cpp
+    python tools/eval.py exports/tiny-ct --ppl-files notes.txt --seq-len 2048
     python tools/eval.py runs/tiny-cpu --ppl-files a.txt b.txt --seq-len 512 --out results/tiny.json
     python tools/eval.py exports/7b-ct --tasks paper --batch-size 16            # the paper's six 0-shot tasks
     python tools/eval.py exports/7b-ct --tasks my_task --include-path tasks/    # a local lm-eval task dir
 
-Perplexity: the text files are joined ("\\n\\n"), tokenized once with the model's tokenizer, and cut
-into non-overlapping --seq-len blocks (WikiText-2 protocol of the LR-QAT paper). lm-eval runs 0-shot
+Perplexity: --ppl wikitext2 reads a local copy of the WikiText-2 raw test split (HF parquet, jsonl or
+wiki.test.raw) and follows GPTQ / LR-QAT exactly: the HF rows joined with "\\n\\n", tokenized once,
+numel // 2048 non-overlapping blocks, ppl = exp(mean per-block NLL). --ppl-files joins raw text
+files ("\\n\\n") the same way. lm-eval runs 0-shot
 by default and offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1 unless --online): built-in tasks
 need their datasets in the local HF cache. Prints a table; --out writes the JSON. See docs/eval.md.
 """
@@ -36,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute dtype (default: %(default)s; bf16 is very slow on most CPUs)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     g = p.add_argument_group("perplexity")
+    g.add_argument("--ppl", choices=("wikitext2",), default=None,
+                   help="a standard perplexity set, read from --wikitext-path (no hub access)")
+    g.add_argument("--wikitext-path", default=None, metavar="PATH",
+                   help="local WikiText-2 raw test split: HF parquet, jsonl with 'text', wiki.test.raw, or a directory")
+    g.add_argument("--runtime", choices=("torch", "llama.cpp"), default="torch",
+                   help="perplexity of a .gguf MODEL through llama.cpp (llama-cpp-python) instead of the "
+                        "dequantized model in torch (default: %(default)s)")
     g.add_argument("--ppl-files", nargs="+", default=[], metavar="FILE", help="raw text files (UTF-8)")
     g.add_argument("--seq-len", type=int, default=2048, help="block length in tokens (default: %(default)s)")
     g.add_argument("--ppl-batch-size", type=int, default=1, help="blocks per forward (default: %(default)s)")
@@ -53,8 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--online", action="store_true", help="allow the HF hub (default: offline)")
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
-    if not args.ppl_files and not args.tasks:
-        p.error("nothing to evaluate: give --ppl-files and/or --tasks")
+    if not args.ppl_files and not args.tasks and not args.ppl:
+        p.error("nothing to evaluate: give --ppl wikitext2, --ppl-files and/or --tasks")
+    if args.ppl and args.ppl_files:
+        p.error("give either --ppl or --ppl-files")
+    if args.ppl == "wikitext2" and not args.wikitext_path:
+        p.error("--ppl wikitext2 needs --wikitext-path (a local copy of the test split; there is no hub access)")
+    if args.runtime == "llama.cpp" and (not str(args.model).endswith(".gguf") or args.tasks):
+        p.error("--runtime llama.cpp evaluates the perplexity of a .gguf file (no --tasks)")
     return args
 
 
@@ -62,8 +79,9 @@ def format_table(results: dict) -> str:
     lines = [f"model: {results['model']['description']}"]
     ppl = results.get("perplexity")
     if ppl:
+        label = ppl.get("dataset") or " + ".join(Path(f).name for f in ppl["files"])
         lines += ["", f"{'perplexity':<40} {'ppl':>10} {'tokens':>10} {'blocks':>7} {'seq_len':>8}",
-                  f"{' + '.join(Path(f).name for f in ppl['files'])[:40]:<40} {ppl['ppl']:>10.4f} "
+                  f"{label[:40]:<40} {ppl['ppl']:>10.4f} "
                   f"{ppl['predicted_tokens']:>10} {ppl['blocks']:>7} {ppl['seq_len']:>8}"]
     lm = results.get("lm_eval")
     if lm:
@@ -83,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[var] = "1"
     import torch
 
-    from lrqat_dist.eval import load_for_eval, paper_average, read_text_files, run_lm_eval, summarize, text_perplexity
+    from lrqat_dist.eval import (load_for_eval, paper_average, perplexity_from_ids, read_text_files, run_lm_eval,
+                                 summarize, tokenize_text)
 
     # the library's progress records (lrqat_dist.* loggers) on stderr; other libraries stay at WARNING
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -94,20 +113,52 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     try:
-        m = load_for_eval(args.model, dtype=getattr(torch, args.dtype), device=args.device, step=args.step,
-                          trainable_file=args.trainable, tokenizer=args.tokenizer)
+        if args.runtime == "llama.cpp":  # no torch model: llama.cpp runs the file; the tokenizer is the file's
+            from transformers import AutoTokenizer
+
+            from lrqat_dist.eval import EvalModel
+
+            gg = Path(args.model)
+            tok = AutoTokenizer.from_pretrained(args.tokenizer or str(gg.parent), local_files_only=True,
+                                                **({} if args.tokenizer else {"gguf_file": gg.name}))
+            m = EvalModel(None, tok, "gguf", f"GGUF export {gg} in llama.cpp")
+        else:
+            m = load_for_eval(args.model, dtype=getattr(torch, args.dtype), device=args.device, step=args.step,
+                              trainable_file=args.trainable, tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log(f"[eval] {m.description} ({m.kind}, {args.dtype}, {args.device})")
     results = {"model": {"path": str(args.model), "kind": m.kind, "description": m.description,
                          "dtype": args.dtype, "device": args.device}}
-    if args.ppl_files:
-        text = read_text_files(args.ppl_files)
-        r = text_perplexity(m.model, m.tokenizer, text, seq_len=args.seq_len, batch_size=args.ppl_batch_size,
-                            max_blocks=args.max_blocks, add_special_tokens=not args.no_special_tokens)
-        results["perplexity"] = {"files": [str(f) for f in args.ppl_files],
-                                 "special_tokens": not args.no_special_tokens, **r.to_dict()}
+    if args.ppl_files or args.ppl:
+        extra = {"files": [str(f) for f in args.ppl_files]}
+        if args.ppl == "wikitext2":
+            from lrqat_dist.eval.wikitext import wikitext2_text
+
+            try:
+                text, rows = wikitext2_text(args.wikitext_path)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            extra = {"files": [str(args.wikitext_path)], "dataset": f"wikitext2 ({rows} rows)", "rows": rows,
+                     "protocol": "GPTQ/LR-QAT: rows joined with \\n\\n, tokenized once, numel // seq_len blocks"}
+            if args.seq_len != 2048:
+                extra["deviation"] = f"seq_len {args.seq_len} instead of the protocol's 2048"
+        else:
+            text = read_text_files(args.ppl_files)
+        ids = tokenize_text(m.tokenizer, text, add_special_tokens=not args.no_special_tokens)
+        if args.runtime == "llama.cpp":
+            from lrqat_dist.eval.perplexity import perplexity_of
+            from lrqat_dist.export.gguf_runtime import LlamaCpp
+
+            with LlamaCpp(args.model, n_ctx=args.seq_len) as lc:
+                r = perplexity_of(lc.batch_logits, ids, seq_len=args.seq_len, max_blocks=args.max_blocks)
+            extra["runtime"] = "llama.cpp (llama-cpp-python)"
+        else:
+            r = perplexity_from_ids(m.model, ids, seq_len=args.seq_len, batch_size=args.ppl_batch_size,
+                                    max_blocks=args.max_blocks)
+        results["perplexity"] = {**extra, "special_tokens": not args.no_special_tokens, **r.to_dict()}
     if args.tasks:
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
         try:

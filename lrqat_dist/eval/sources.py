@@ -5,7 +5,9 @@
   training-time forward uses, without recomputing ``B @ A`` on every call);
 - ``native``: a native export (``lrqat_native.json``);
 - ``compressed-tensors``: an HF directory whose config has a compressed-tensors quantization_config;
-- ``hf``: any other local HF model directory.
+- ``hf``: any other local HF model directory;
+- ``gguf``: a ``.gguf`` file (our GGUF export), dequantized by transformers' GGUF loader (see
+  :mod:`lrqat_dist.export.gguf_runtime`; ``tools/eval.py --runtime llama.cpp`` runs it in llama.cpp).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-KINDS = ("run", "native", "compressed-tensors", "hf")
+KINDS = ("run", "native", "compressed-tensors", "hf", "gguf")
 
 
 @dataclass
@@ -34,8 +36,11 @@ def detect_kind(path: str | Path) -> str:
     from ..checkpoint import is_run_or_checkpoint
 
     p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
     if not p.is_dir():
-        raise FileNotFoundError(f"{p}: not a directory (expected a run, a checkpoint, an export or an HF model dir)")
+        raise FileNotFoundError(f"{p}: not a directory (expected a run, a checkpoint, an export or an HF model dir) "
+                                f"or a .gguf file")
     if is_run_or_checkpoint(p):
         return "run"
     if (p / META_FILE).is_file():
@@ -70,6 +75,11 @@ def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
         from ..export.native import load_native
 
         model, desc = load_native(p, dtype), f"native export {p}"
+    elif kind == "gguf":
+        from ..export.gguf_runtime import load_gguf_dequantized
+
+        model, tok = load_gguf_dequantized(p, dtype)
+        desc = f"GGUF export {p} (dequantized by transformers' GGUF loader)"
     elif kind == "compressed-tensors":
         from ..export.compressed_tensors import load_compressed_tensors
 
