@@ -1,5 +1,4 @@
 """GGUF export: the trained grid in llama.cpp's block types, read back by gguf-py, transformers and llama.cpp."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,7 @@ def test_transformers_and_llama_cpp_read_the_export(tmp_path):
     llama.cpp, when installed, gives logits close to the dequantized model's."""
     tok = _bpe_tokenizer(tmp_path)
     model = trained_tiny(4, None, True)
-    assert len(tok) <= VOCAB and tok.backend_tokenizer.model.__getstate__() is not None
+    assert len(tok) <= VOCAB
     ids = torch.tensor([tok("the lazy fox and the quick dog").input_ids[:12]])
     export_gguf(model, tmp_path / "m.gguf", tok, embeddings="f32", probe_ids=ids, log=None)
     deq, gtok = load_gguf_dequantized(tmp_path / "m.gguf")

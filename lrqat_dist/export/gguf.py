@@ -49,7 +49,7 @@ from ..model import quantized_layers
 from ..quant.affine import QuantSpec
 from .activations import check_carried, model_act_config
 from .exactness import ExportRefused, _refuse, check_quantized_layers, round_scales_
-from .verify import Checker, ExportReport, progress, same_bits, stderr_log
+from .verify import Checker, ExportReport, progress, stderr_log
 
 FORMAT = "gguf"
 BLOCK = 32
@@ -315,7 +315,7 @@ class _Planned:
 def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings: str = "f16", asym: str = "compact",
                 round_scales: bool = True, probe_ids: torch.Tensor | None = None, overwrite: bool = False,
                 drop_activation_quant: bool = False, tokenizer_pre: str | None = None, name: str | None = None,
-                log: Callable[[str], None] | None = stderr_log, **_ignored) -> ExportReport:
+                log: Callable[[str], None] | None = stderr_log) -> ExportReport:
     """Write a prepared (trained) LLaMA model as one GGUF file ``out`` (see the module docstring).
 
     ``round_scales`` rounds the model's scales to fp16 **in place** first (GGUF stores fp16 ``d``);
