@@ -97,7 +97,7 @@ def test_eval_tool_on_a_run(tmp_path, monkeypatch):
 
 def _set_quant(root: Path, **quant):
     """Rewrite fake_run's config with another grid (the checkpoint is rebuilt to match)."""
-    from lrqat_dist.train.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
+    from lrqat_dist.checkpoint import CONFIG_FILE, META_FILE, TRAINABLE_FILE, checkpoint_path
     from lrqat_dist.train.build import build_model
     from lrqat_dist.train.config import dump_config, load_config
 

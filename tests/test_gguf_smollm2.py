@@ -58,7 +58,7 @@ def test_smollm2_w4pc_gguf_exact_and_llama_cpp_ppl(smollm2, tmp_path):
     model = _model(path, 4, None, True)
     ids = _heldout_ids(tok)
     probe = ids[None, :128]
-    report = export_gguf(model, tmp_path / "w4pc.gguf", tok, probe_ids=probe, log=None)
+    report = export_gguf(model, tmp_path / "w4pc.gguf", tok, probe_ids=probe)
     assert report.stats["types"] == {"Q4_0": 210} and report.stats["m_rounding_max_abs"] == 0
     assert any("272 tensors equal" in c and "bit for bit" in c for c in report.checks)
     drift = [n for n in report.notes if n.startswith("logit drift")]
@@ -82,7 +82,7 @@ def test_smollm2_w4pc_gguf_exact_and_llama_cpp_ppl(smollm2, tmp_path):
 def test_smollm2_w3pc_and_w4g64asym_block_types(smollm2, tmp_path, bits, group_size, symmetric, qtype):
     path, tok = smollm2
     model = _model(path, bits, group_size, symmetric)
-    report = export_gguf(model, tmp_path / "m.gguf", tok, log=None)
+    report = export_gguf(model, tmp_path / "m.gguf", tok)
     assert report.stats["types"] == {qtype: 210}
     if qtype == "Q4_0":
         assert report.stats["m_rounding_max_abs"] == 0

@@ -145,8 +145,7 @@ def _export_gguf(args, run, notes: list[str], t0: float) -> int:
                              probe_ids=probe, overwrite=args.overwrite, drop_activation_quant=args.drop_activation_quant,
                              tokenizer_pre=args.gguf_pre)
         if args.verify_load:
-            checks, stats = check_gguf_runtimes(args.out, run.model, run.tokenizer, probe,
-                                                log=lambda m: print(m, file=sys.stderr))
+            checks, stats = check_gguf_runtimes(args.out, run.model, run.tokenizer, probe)
             report.checks += checks
             report.stats.update(stats)
     except ExportRefused as e:

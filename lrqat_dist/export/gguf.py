@@ -32,13 +32,14 @@ special ids, chat template) goes into the file, so llama.cpp needs no other file
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -49,7 +50,9 @@ from ..model import quantized_layers
 from ..quant.affine import QuantSpec
 from .activations import check_carried, model_act_config
 from .exactness import ExportRefused, _refuse, check_quantized_layers, round_scales_
-from .verify import Checker, ExportReport, progress, stderr_log
+from .verify import Checker, ExportReport, progress
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "gguf"
 BLOCK = 32
@@ -232,7 +235,7 @@ def detect_pre_tokenizer(tokenizer_json: dict) -> str:
     return "default"
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None, log) -> str:
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> str:
     """Vocab, token types, merges, special ids and chat template of a byte-level BPE HF tokenizer."""
     import gguf
 
@@ -267,8 +270,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None, log) -> s
         writer.add_token_types(types)
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
         if not special.merges:
-            log(f"[export] WARNING: {FORMAT}: the tokenizer has no BPE merges; llama.cpp refuses a 'gpt2' "
-                f"tokenizer without tokenizer.ggml.merges (gguf-py cannot write an empty array)")
+            logger.warning("[export] %s: the tokenizer has no BPE merges; llama.cpp refuses a 'gpt2' tokenizer "
+                           "without tokenizer.ggml.merges (gguf-py cannot write an empty array)", FORMAT)
         special.add_to_gguf(writer, quiet=True)
         for kind, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id")):
             if kind not in special.special_token_ids and getattr(tokenizer, attr, None) is not None:
@@ -314,8 +317,8 @@ class _Planned:
 
 def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings: str = "f16", asym: str = "compact",
                 round_scales: bool = True, probe_ids: torch.Tensor | None = None, overwrite: bool = False,
-                drop_activation_quant: bool = False, tokenizer_pre: str | None = None, name: str | None = None,
-                log: Callable[[str], None] | None = stderr_log) -> ExportReport:
+                drop_activation_quant: bool = False, tokenizer_pre: str | None = None,
+                name: str | None = None) -> ExportReport:
     """Write a prepared (trained) LLaMA model as one GGUF file ``out`` (see the module docstring).
 
     ``round_scales`` rounds the model's scales to fp16 **in place** first (GGUF stores fp16 ``d``);
@@ -330,7 +333,6 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
     import gguf
 
     t0 = time.time()
-    log = log or (lambda msg: None)
     out = Path(out)
     if embeddings not in EMBEDDING_TYPES:
         raise ValueError(f"embeddings: expected one of {EMBEDDING_TYPES}, got {embeddings!r}")
@@ -344,7 +346,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
         raise ValueError(f"{FORMAT}: model has no quantized linears; call lrqat_dist.prepare first")
     check_architecture(model)
     act_cfg = model_act_config(model)
-    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant, log)
+    act_lost = check_carried(FORMAT, act_cfg, drop_activation_quant)
     config = model.config
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
 
@@ -395,7 +397,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
         writer.add_rope_freq_base(_rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(int(config.vocab_size))
-        report.notes.append(add_tokenizer(writer, tokenizer, int(config.vocab_size), tokenizer_pre, log))
+        report.notes.append(add_tokenizer(writer, tokenizer, int(config.vocab_size), tokenizer_pre))
 
         m_err = {"max_abs": 0.0, "max_rel_to_d": 0.0}
         for i, (hf, p) in enumerate(plan.items()):
@@ -417,7 +419,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
             writer.add_tensor(p.name, data, raw_dtype=qtype)
             expected[p.name] = (want.numpy(), p.mapping.exact)
             types_used[p.mapping.qtype] = types_used.get(p.mapping.qtype, 0) + 1
-            progress(log, "packed", i, len(plan))
+            progress(logger, "packed", i, len(plan))
 
         dense_types = _add_dense(writer, model, set(layers), embeddings, expected, report)
         ftype = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
@@ -432,7 +434,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
         report.notes.append("block types: " + ", ".join(f"{t} x{n}" for t, n in sorted(types_used.items()))
                             + "; dense: " + dense_types)
 
-        log(f"[export] verifying {stage} with gguf.GGUFReader + gguf.quants.dequantize")
+        logger.info("[export] verifying %s with gguf.GGUFReader + gguf.quants.dequantize", stage)
         report.checks.append(_check_file(stage, expected, plan, m_err, config))
         if m_err["max_abs"] > 0 or any(not p.mapping.exact for p in plan.values()):
             report.notes.append(f"Q4_1/Q5_1 offset m = -d*z rounded to fp16: max abs weight error "

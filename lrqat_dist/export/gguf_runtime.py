@@ -11,11 +11,13 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
 LLAMA_CPP_INSTALL = ("pip install llama-cpp-python  (builds llama.cpp from source with cmake and a C++ compiler; "
                      "about 13 minutes on 2 cores; see docs/export.md)")
 
@@ -84,7 +86,7 @@ class LlamaCpp:
 
 
 @torch.no_grad()
-def check_gguf_runtimes(path: str | Path, model, tokenizer, probe_ids: torch.Tensor, log=None) -> tuple[list[str], dict]:
+def check_gguf_runtimes(path: str | Path, model, tokenizer, probe_ids: torch.Tensor) -> tuple[list[str], dict]:
     """Load ``path`` the way its consumers do and compare with the exported ``model`` (after
     :func:`lrqat_dist.export.export_gguf`, i.e. with fp16 scales): transformers' GGUF loader must give
     every quantized weight as ``fold().dequantize()`` (bit for bit for Q4_0/Q5_0/Q8_0, within the
@@ -93,9 +95,8 @@ def check_gguf_runtimes(path: str | Path, model, tokenizer, probe_ids: torch.Ten
     from ..model import quantized_layers
     from .verify import ExportVerificationError
 
-    log = log or (lambda msg: None)
     checks, stats = [], {}
-    log(f"[export] loading {path} with transformers' GGUF reader")
+    logger.info("[export] loading %s with transformers' GGUF reader", path)
     deq, gguf_tok = load_gguf_dequantized(path)
     worst, n_exact, failures = 0.0, 0, []
     for name, layer in quantized_layers(model).items():
