@@ -140,6 +140,9 @@ def test_export_tool_targets_and_gguf(tmp_path, capsys):
     assert tool.main([str(tmp_path / "a8asym"), "--format", "compressed-tensors", "--target", "vllm",
                       "--out", str(tmp_path / "x")]) == 2
     assert "asymmetric int8 inputs" in capsys.readouterr().err
+    assert tool.main([str(tmp_path / "w3"), "--format", "dequantized", "--target", "vllm",
+                      "--out", str(tmp_path / "x")]) == 2  # servable, but fp32 scales would be rounded by vLLM
+    assert "would round fp32 scales" in capsys.readouterr().err and not (tmp_path / "x").exists()
     _set_quant(tmp_path / "a8", bits=4, group_size=32, symmetric=True, activations="a8")
     assert tool.main([str(tmp_path / "a8"), "--format", "compressed-tensors", "--target", "vllm", "--dtype",
                       "float16", "--round-scales", "--allow-rounding", "--out", str(tmp_path / "a8ct")]) == 0

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lrqat_dist.export import ExportRefused, ExportVerificationError, export_model, round_scales_
     from lrqat_dist.export.run import load_run
+    from lrqat_dist.export.serving import format_verdicts, require_target, serving_verdicts
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr)  # warnings from everyone, as without handlers
     logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # and the library's progress lines
@@ -96,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.source, step=args.step, trainable_file=args.trainable)
         print(f"[export] {run.describe()}", file=sys.stderr)
         notes = []
-        from lrqat_dist.export.serving import format_verdicts, require_target, serving_verdicts
-
         print("[export] what serves where:\n" + format_verdicts(serving_verdicts(run.model)), file=sys.stderr)
         if args.target:
             verdict = require_target(run.model, args.target, args.format, args.drop_activation_quant)
+            if args.target == "vllm" and args.dtype == "float32":
+                raise ExportRefused("--target vllm: vLLM computes in fp16/bf16 and would round fp32 scales (or dense weights) when it "
+                                    "loads them, so the served model would not be the verified one; export with "
+                                    "--dtype float16|bfloat16 --round-scales (and --allow-rounding for dense tensors)")
             notes.append(f"--target {args.target}: served via {verdict.how}")
         if args.format == "gguf":
             return _export_gguf(args, run, notes, t0)
