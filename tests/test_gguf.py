@@ -131,7 +131,8 @@ def _bpe_tokenizer(tmp_path: Path):
 
     text = ["the quick brown fox jumps over the lazy dog; an integer grid and a learned scale " * 20]
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text, vocab_size=VOCAB, min_frequency=2, special_tokens=["<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator(text, vocab_size=VOCAB, min_frequency=2, special_tokens=["<s>", "</s>"],
+                            show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
     tok.save_pretrained(tmp_path / "bpe")
     return tok

@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.target:
             verdict = require_target(run.model, args.target, args.format, args.drop_activation_quant)
             if args.target == "vllm" and args.dtype == "float32":
-                raise ExportRefused("--target vllm: vLLM computes in fp16/bf16 and would round fp32 scales (or dense weights) when it "
-                                    "loads them, so the served model would not be the verified one; export with "
-                                    "--dtype float16|bfloat16 --round-scales (and --allow-rounding for dense tensors)")
+                raise ExportRefused("--target vllm: vLLM computes in fp16/bf16 and would round fp32 scales (or "
+                                    "dense weights) when it loads them, so the served model would not be the "
+                                    "verified one; export with --dtype float16|bfloat16 --round-scales (and "
+                                    "--allow-rounding for dense tensors)")
             notes.append(f"--target {args.target}: served via {verdict.how}")
         if args.format == "gguf":
             return _export_gguf(args, run, notes, t0)
@@ -145,7 +146,8 @@ def _export_gguf(args, run, notes: list[str], t0: float) -> int:
     probe = run.tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
     try:
         report = export_gguf(run.model, args.out, run.tokenizer, embeddings=args.gguf_embeddings, asym=args.gguf_asym,
-                             probe_ids=probe, overwrite=args.overwrite, drop_activation_quant=args.drop_activation_quant,
+                             probe_ids=probe, overwrite=args.overwrite,
+                             drop_activation_quant=args.drop_activation_quant,
                              tokenizer_pre=args.gguf_pre)
         if args.verify_load:
             checks, stats = check_gguf_runtimes(args.out, run.model, run.tokenizer, probe)

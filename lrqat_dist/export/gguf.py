@@ -227,7 +227,8 @@ def detect_pre_tokenizer(tokenizer_json: dict) -> str:
     (HF: Sequence[Digits(individual_digits), ByteLevel]); ``gpt-2`` is plain ByteLevel. Anything else
     gets ``default`` (llama.cpp warns and uses its default regex; tokenization may then differ)."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"]:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and pre["pretokenizers"][0].get("individual_digits"):

@@ -113,7 +113,8 @@ def check_gguf_runtimes(path: str | Path, model, tokenizer, probe_ids: torch.Ten
         raise ExportVerificationError("transformers' GGUF reader: weights differ from the fold:\n  - "
                                       + "\n  - ".join(failures[:10]))
     sample = "The quick brown fox jumps over the lazy dog. 12345 + 678 = 13023; naïve café, 東京."
-    same_ids = gguf_tok(sample, add_special_tokens=False).input_ids == tokenizer(sample, add_special_tokens=False).input_ids
+    want_ids = tokenizer(sample, add_special_tokens=False).input_ids
+    same_ids = gguf_tok(sample, add_special_tokens=False).input_ids == want_ids
     if not same_ids:
         raise ExportVerificationError("transformers' GGUF reader: the file's tokenizer encodes a sample differently "
                                       "from the model's tokenizer")
@@ -132,7 +133,8 @@ def check_gguf_runtimes(path: str | Path, model, tokenizer, probe_ids: torch.Ten
         tok_same = lc.tokenize(sample) == tokenizer(sample, add_special_tokens=False).input_ids
     nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1].double(), ids[1:]).item()  # noqa: E731
     diff = (got - ref).abs()
-    stats.update({"llama_cpp_max_abs_logit_diff": diff.max().item(), "llama_cpp_mean_abs_logit_diff": diff.mean().item(),
+    stats.update({"llama_cpp_max_abs_logit_diff": diff.max().item(),
+                  "llama_cpp_mean_abs_logit_diff": diff.mean().item(),
                   "llama_cpp_nll": nll(got), "dequantized_nll": nll(ref), "probe_tokens": len(ids),
                   "llama_cpp_tokenizer_same": tok_same})
     checks.append(f"llama.cpp loads it: logits vs the dequantized export on {len(ids)} probe tokens max |diff| "

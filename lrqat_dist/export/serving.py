@@ -37,7 +37,8 @@ from .exactness import ExportRefused
 RUNTIMES = ("transformers", "vllm", "llama.cpp")
 CHECKED_AGAINST = {
     "transformers": "transformers 5.20/5.25 + compressed-tensors 0.17.0/0.20.1; transformers' GGUF loader (gguf 0.19)",
-    "vllm": "vLLM 0.33 compressed-tensors scheme selection (WNA16 / W4A8Int / W8A8Int8) and its Marlin/Machete/CPU kernels",
+    "vllm": ("vLLM 0.33 compressed-tensors scheme selection (WNA16 / W4A8Int / W8A8Int8) and its "
+             "Marlin/Machete/CPU kernels"),
     "llama.cpp": "llama-cpp-python 0.3.36 (ggml 0.25.3): Q4_0/Q5_0/Q8_0/Q4_1/Q5_1 blocks, 'llama' architecture",
 }
 # the formats each runtime reads (for an explicit --target)
@@ -61,7 +62,8 @@ class Verdict:
 
     def line(self) -> str:
         head = f"{self.runtime:<12} {'yes' if self.serves else 'NO':<4} {self.how}"
-        return "\n".join([head] + [f"{'':<17}- {p}" for p in self.problems] + [f"{'':<17}note: {n}" for n in self.notes])
+        return "\n".join([head] + [f"{'':<17}- {p}" for p in self.problems]
+                         + [f"{'':<17}note: {n}" for n in self.notes])
 
 
 def _groups(g: int | None) -> str:
@@ -125,7 +127,8 @@ def _check_vllm(specs: dict[str, QuantSpec], in_features: dict[str, int], act) -
         else:  # 8-bit with zero-points: Machete only
             if g not in VLLM_MACHETE_GROUPS:
                 problems.append(f"W8 asymmetric {_groups(g)}: only Machete (Hopper) serves 8-bit zero-points, "
-                                f"groups -1/64/128; nearest servable: W8 symmetric or {_nearest_group(g, VLLM_MACHETE_GROUPS)}")
+                                f"groups -1/64/128; nearest servable: W8 symmetric or "
+                                f"{_nearest_group(g, VLLM_MACHETE_GROUPS)}")
                 continue
             how.add("CompressedTensorsWNA16 (Machete uint8 + zero-points: Hopper GPUs only)")
     odd_k = sorted({k for n, k in in_features.items() if k % MARLIN_TILE_K})
