@@ -4,11 +4,12 @@
     report = export_model(model, "out/ct", format="compressed-tensors", tokenizer=tok)
     print(report.summary())
 
-Formats: ``compressed-tensors`` (pack-quantized; transformers and vLLM), ``native`` (our packed
-codes + fp32 scales, :func:`load_native`), ``dequantized`` (plain HF weights), ``gguf`` (one file
-for llama.cpp / Ollama; the trained grid in Q4_0/Q5_0/Q8_0/Q4_1/Q5_1 blocks, fp16 scales). Every export is read
-back and compared bit for bit with :func:`lrqat_dist.fold` before it is put in place; what a format
-cannot store exactly is refused with :class:`ExportRefused`.
+Formats: ``compressed-tensors`` (pack-quantized, or int-quantized with int8 inputs; transformers
+and vLLM), ``native`` (our packed codes + fp32 scales, :func:`load_native`), ``dequantized`` (plain
+HF weights), ``gguf`` (one file for llama.cpp / Ollama: the trained grid in Q4_0/Q5_0/Q8_0/Q4_1/Q5_1
+blocks, fp16 scales; ``out_dir`` is then the file). Every export is read back and compared bit for
+bit with :func:`lrqat_dist.fold` before it is put in place; what a format cannot store exactly is
+refused with :class:`ExportRefused`. Which runtime serves what: :mod:`lrqat_dist.export.serving`.
 """
 from __future__ import annotations
 
