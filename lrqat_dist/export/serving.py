@@ -15,8 +15,9 @@ read from (sources, not run here: there is no GPU on the development machine):
   -1/32/64/128; Machete (Hopper) 4/8 bit with or without zero-points, groups -1/64/128; the CPU
   path 4 bit only. int8 inputs are matched only in an activation format (``int-quantized``):
   ``CompressedTensorsW4A8Int`` (4-bit symmetric weights, channel/group, dynamic per-token int8
-  inputs) and ``CompressedTensorsW8A8Int8`` (8-bit symmetric weights); this project requires the
-  inputs symmetric for W4A8 (its kernels quantize activations symmetrically). vLLM fuses q/k/v and
+  inputs; its kernel, ``Dynamic4bitLinearKernel``, is CPU-only) and ``CompressedTensorsW8A8Int8``
+  (8-bit symmetric weights); this project requires the inputs symmetric for W4A8 (its kernels
+  quantize activations symmetrically). vLLM fuses q/k/v and
   gate/up: each fused group must share one scheme. Scales are created in the serving dtype (fp16 /
   bf16): export with that ``--dtype`` (and ``--round-scales``) for the served model to be the verified one.
 - **llama.cpp** (llama-cpp-python 0.3.36, ggml 0.25.3; also Ollama / LM Studio): GGUF, LLaMA
@@ -107,6 +108,8 @@ def _check_vllm(specs: dict[str, QuantSpec], in_features: dict[str, int], act) -
                                 f"symmetric weights")
             elif b == 4:
                 how.add("CompressedTensorsW4A8Int (int-quantized, int8 dynamic per-token inputs)")
+                notes.append("W4A8 int runs on vLLM's Dynamic4bitLinearKernel, which is CPU-only (x86 / Arm); "
+                             "on GPUs serve the weights as W4A16 (export with --drop-activation-quant)")
             elif b == 8 and g is None:
                 how.add("CompressedTensorsW8A8Int8 (int-quantized, int8 dynamic per-token inputs)")
             else:
