@@ -167,3 +167,18 @@ def test_transformers_and_llama_cpp_read_the_export(tmp_path):
     diff = (got - want).abs()
     print(f"llama.cpp vs dequantized: max {diff.max():.4f}, mean {diff.mean():.5f}, logits spread {want.std():.4f}")
     assert diff.max() < 0.05 * want.abs().max() and diff.mean() < 0.05 * want.std()
+
+
+def test_refusal_lists_every_layer_once_and_changes_nothing(tmp_path):
+    model = trained_tiny(8, 32, False)  # asymmetric 8-bit: Q8_0 only where every u - z fits int8
+    folded = lrqat_dist.fold(model)
+    spans = {n: f.codes - f.zero_point.repeat_interleave(32, dim=1) for n, f in folded.items()}
+    outside = [n for n, c in spans.items() if int(c.min()) < -128 or int(c.max()) > 127]
+    assert outside  # min-max ranges over 255 codes: u - z leaves int8 in every layer here
+    with pytest.raises(ExportRefused) as e:
+        export_gguf(model, tmp_path / "m.gguf", TOKENIZER)
+    msg = str(e.value)
+    assert all(f"{n}: codes minus zero-point span" in msg for n in outside[:8])
+    assert "outside Q8_0's [-128, 127]; nearest exportable setting: 7-bit asymmetric" in msg
+    assert msg.count("Alternatives:") == 1 and not (tmp_path / "m.gguf").exists()
+    assert all(torch.equal(f.scale, folded[n].scale) for n, f in lrqat_dist.fold(model).items())  # untouched

@@ -362,13 +362,15 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
         try:
             mp = block_mapping(layer.spec, layer.in_features, hf, asym)
             gname = gguf_name(hf)
+            if layer.spec.bits == 8 and not layer.spec.symmetric:  # Q8_0 only if every u - z fits int8
+                _stored_codes(layer.fold(), mp, hf)
         except ExportRefused as e:
-            problems.append(str(e).removeprefix(f"{FORMAT}: "))
+            problems.append(str(e).removeprefix(f"{FORMAT}: ").replace(f" {ALTERNATIVE}", ""))
             continue
         heads = n_head if hf.endswith("q_proj") else n_kv if hf.endswith("k_proj") else None
         plan[hf] = _Planned(f"{gname}.weight", hf, mp, heads)
     if problems:
-        _refuse(FORMAT, problems, "")
+        _refuse(FORMAT, problems, ALTERNATIVE)
     check_quantized_layers(layers, FORMAT, torch.float32, integer_zero_point=True, alternative=ALTERNATIVE)
     report = ExportReport(FORMAT, out, "float16 scales", len(layers))
     if act_lost:
