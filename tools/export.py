@@ -80,7 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gguf-pre", default=None,
                    help="tokenizer.ggml.pre (default: detected from tokenizer.json: gpt-2, smollm, else default)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.format == "gguf" and (args.dtype != "float32" or args.round_scales or args.allow_rounding):
+        p.error("--format gguf: scales are fp16 by the format (rounded and reported automatically) and the "
+                "embeddings' type is --gguf-embeddings; --dtype / --round-scales / --allow-rounding do not apply")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
