@@ -182,3 +182,33 @@ def test_refusal_lists_every_layer_once_and_changes_nothing(tmp_path):
     assert "outside Q8_0's [-128, 127]; nearest exportable setting: 7-bit asymmetric" in msg
     assert msg.count("Alternatives:") == 1 and not (tmp_path / "m.gguf").exists()
     assert all(torch.equal(f.scale, folded[n].scale) for n, f in lrqat_dist.fold(model).items())  # untouched
+
+
+def test_eval_tool_on_a_gguf_file(tmp_path):
+    """tools/eval.py MODEL.gguf: transformers' GGUF loader (the dequantized export) and, when installed,
+    llama.cpp (--runtime llama.cpp) give the held-out perplexity of the exported model."""
+    import importlib.util
+    import json
+
+    from lrqat_dist.eval.perplexity import text_perplexity
+
+    tok = _bpe_tokenizer(tmp_path)
+    model = trained_tiny(4, 32, True)
+    export_gguf(model, tmp_path / "m.gguf", tok, embeddings="f32")
+    text = "the quick brown fox jumps over the lazy dog; an integer grid and a learned scale. " * 30
+    (tmp_path / "t.txt").write_text(text)
+    want = text_perplexity(model, tok, text, seq_len=64).ppl  # the model with its (now fp16) scales
+    spec = importlib.util.spec_from_file_location("eval_tool", Path(__file__).parents[1] / "tools" / "eval.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = [str(tmp_path / "m.gguf"), "--ppl-files", str(tmp_path / "t.txt"), "--seq-len", "64"]
+    assert tool.main(args + ["--out", str(tmp_path / "deq.json")]) == 0
+    res = json.loads((tmp_path / "deq.json").read_text())
+    assert res["model"]["kind"] == "gguf" and res["perplexity"]["ppl"] == pytest.approx(want, rel=1e-5)
+    missing = llama_cpp_missing()
+    if missing:
+        pytest.skip(f"llama.cpp part skipped: {missing}")
+    assert tool.main(args + ["--runtime", "llama.cpp", "--out", str(tmp_path / "lc.json")]) == 0
+    lc = json.loads((tmp_path / "lc.json").read_text())["perplexity"]
+    assert lc["runtime"].startswith("llama.cpp") and lc["blocks"] == res["perplexity"]["blocks"]
+    assert lc["ppl"] == pytest.approx(want, rel=0.01)
