@@ -108,6 +108,7 @@ def test_gguf_export_is_the_fold(tmp_path, bits, group, sym, asym):
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert len(fields["tokenizer.ggml.tokens"].contents()) == VOCAB
     assert fields["tokenizer.ggml.add_bos_token"].contents() is True  # the byte tokenizer prepends <s>
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is False
     assert fields["tokenizer.ggml.bos_token_id"].contents() == 256
 
 

@@ -273,10 +273,11 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> str:
         if not special.merges:
             logger.warning("[export] %s: the tokenizer has no BPE merges; llama.cpp refuses a 'gpt2' tokenizer "
                            "without tokenizer.ggml.merges (gguf-py cannot write an empty array)", FORMAT)
-        if "bos" not in special.add_special_token:  # say what the HF tokenizer does, not llama.cpp's default
-            plain = tokenizer("a", add_special_tokens=False).input_ids
-            special.add_special_token["bos"] = tokenizer("a").input_ids[: -len(plain) or None] == (
-                [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [None])
+        # say what the HF tokenizer does (whether it adds BOS / EOS), not llama.cpp's defaults
+        plain, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+        for kind, pos, tid in (("bos", 0, tokenizer.bos_token_id), ("eos", -1, tokenizer.eos_token_id)):
+            if kind not in special.add_special_token:
+                special.add_special_token[kind] = tid is not None and full[pos] == tid and plain[pos] != tid
         special.add_to_gguf(writer, quiet=True)
         for kind, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id")):
             if kind not in special.special_token_ids and getattr(tokenizer, attr, None) is not None:
@@ -285,6 +286,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> str:
     ids = ", ".join(f"{k}={v}" for k, v in sorted(special.special_token_ids.items()))
     return (f"tokenizer: gpt2 BPE, pre '{pre}', {len(vocab)} tokens (+{vocab_size - len(vocab)} padding), "
             f"{n_merges} merges, special ids {ids or 'none'}, add_bos {special.add_special_token['bos']}, "
+            f"add_eos {special.add_special_token['eos']}, "
             f"chat template {'yes' if special.chat_template else 'no'}")
 
 
