@@ -392,7 +392,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
     expected: dict[str, tuple[np.ndarray, bool]] = {}  # name -> (values, must be bit-exact)
     with _staging_file(out, overwrite) as stage:
         writer = gguf.GGUFWriter(str(stage), "llama")
-        writer.add_name(name or getattr(config, "_name_or_path", "") or "lrqat_dist export")
+        writer.add_name(name or Path(getattr(config, "_name_or_path", "") or "lrqat_dist export").name)
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))
         writer.add_block_count(int(config.num_hidden_layers))
