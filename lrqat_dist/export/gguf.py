@@ -389,7 +389,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
                             f"mean {drift.mean().item():.3e} over {probe_ids.numel()} probe tokens")
 
     types_used: dict[str, int] = {}
-    expected: dict[str, tuple[np.ndarray, bool]] = {}  # name -> (values, must be bit-exact)
+    expected: dict[str, tuple] = {}  # name -> (values or a function giving them, must be bit-exact)
     with _staging_file(out, overwrite) as stage:
         writer = gguf.GGUFWriter(str(stage), "llama")
         writer.add_name(name or Path(getattr(config, "_name_or_path", "") or "lrqat_dist export").name)
@@ -417,16 +417,15 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
             if not p.mapping.centered:
                 z = _block_scales(fw.zero_point.float(), fw.codes.shape[1]).numpy()
                 m = (-d.astype(np.float32) * z).astype(np.float16)
-            want = fw.dequantize()
             if p.permute_heads:
                 codes = rope_permute(torch.from_numpy(codes), p.permute_heads).numpy()
                 d = rope_permute(torch.from_numpy(d), p.permute_heads).numpy()
                 m = None if m is None else rope_permute(torch.from_numpy(m), p.permute_heads).numpy()
-                want = rope_permute(want, p.permute_heads)
             data = pack_blocks(codes, d, m, p.mapping.qtype)
             qtype = getattr(gguf.GGMLQuantizationType, p.mapping.qtype)
             writer.add_tensor(p.name, data, raw_dtype=qtype)
-            expected[p.name] = (want.numpy(), p.mapping.exact)
+            # recomputed when verifying (one layer at a time): no dense copy of the model is kept
+            expected[p.name] = (lambda layer=layers[hf], heads=p.permute_heads: _folded(layer, heads), p.mapping.exact)
             types_used[p.mapping.qtype] = types_used.get(p.mapping.qtype, 0) + 1
             progress(logger, "packed", i, len(plan))
 
@@ -452,6 +451,12 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
                         "m_rounding_max_rel_to_d": m_err["max_rel_to_d"]}
     report.seconds = time.time() - t0
     return report
+
+
+def _folded(layer, heads: int | None) -> np.ndarray:
+    """``fold().dequantize()`` of a layer, q/k rows permuted as written."""
+    w = layer.fold().dequantize()
+    return (w if heads is None else rope_permute(w, heads)).numpy()
 
 
 def _add_dense(writer, model: nn.Module, quantized: set[str], embeddings: str, expected: dict,
@@ -512,6 +517,7 @@ def _check_file(path: Path, expected: dict, plan: dict, m_err: dict, config) -> 
     found = {t.name: t for t in reader.tensors}
     q_types = {p.name: p.mapping for p in plan.values()}
     for name, (want, exact) in expected.items():
+        want = want() if callable(want) else want
         t = found.get(name)
         if t is None:
             checker.fail(f"{name}: missing from the file")
