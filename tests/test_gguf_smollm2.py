@@ -14,7 +14,7 @@ from lrqat_dist.export.gguf_runtime import LlamaCpp, llama_cpp_missing
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
-SEQ, BLOCKS = 256, 4
+SEQ, BLOCKS = 256, 8
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,18 @@ def _heldout_ids(tok) -> torch.Tensor:
 
 
 def _model(path, bits, group_size, symmetric, seed=0):
+    torch.manual_seed(seed)  # lora_A's default init draws from the global generator
     model = lrqat_dist.load_causal_lm(path)
     lrqat_dist.prepare(model, lrqat_dist.QATConfig(bits=bits, group_size=group_size, symmetric=symmetric, rank=8,
                                                    range_init="minmax"))
+    rtn = {n: f.codes.clone() for n, f in lrqat_dist.fold(model).items()}
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # "trained" adapters: move codes off round-to-nearest
+    with torch.no_grad():  # "trained" adapters: move about 1% of the codes off round-to-nearest
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
-                p.normal_(0, 0.5, generator=g)
+                p.normal_(0, 0.1, generator=g)
+    moved = sum(int((f.codes != rtn[n]).sum()) for n, f in lrqat_dist.fold(model).items())
+    assert moved > 0.005 * sum(c.numel() for c in rtn.values()), moved
     return model.eval()
 
 
