@@ -22,10 +22,13 @@ SUBPROCESS_TESTS = {
     ("test_train_single.py", "test_cli_tiny_cpu_preempted_by_sigterm_then_resumed"),
 }
 # Tests that read the real SmolLM2-135M (besides those using the fixtures below).
-REAL_MODEL_TESTS = {("test_prepare.py", "test_real_smollm2_conversion")}
+REAL_MODEL_TESTS = {("test_prepare.py", "test_real_smollm2_conversion"),
+                    ("test_gguf_smollm2.py", "test_smollm2_w4pc_gguf_exact_and_llama_cpp_ppl"),
+                    ("test_gguf_smollm2.py", "test_smollm2_w3pc_and_w4g64asym_block_types")}
 REAL_MODEL_FIXTURES = {"smollm2_weights", "smollm2_tokenizer", "smollm2_bpe_tokenizer"}
 # Single-process tests that take more than a few seconds on 2 CPU cores.
-SLOW_TESTS = {("test_memory_plan.py", "test_planner_within_15_percent_of_a_measured_cpu_step")}
+SLOW_TESTS = {("test_memory_plan.py", "test_planner_within_15_percent_of_a_measured_cpu_step"),
+              ("test_gguf_smollm2.py", "test_smollm2_w4pc_gguf_exact_and_llama_cpp_ppl")}
 NOT_FAST = ("multiprocess", "subprocess", "real_model", "slow")
 
 

@@ -12,7 +12,6 @@ from lrqat_dist.eval.perplexity import perplexity_from_ids, perplexity_of, token
 from lrqat_dist.export import export_gguf
 from lrqat_dist.export.gguf_runtime import LlamaCpp, llama_cpp_missing
 
-pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
 SEQ, BLOCKS = 256, 8
 
