@@ -185,13 +185,48 @@ def test_refusal_lists_every_layer_once_and_changes_nothing(tmp_path):
     assert all(torch.equal(f.scale, folded[n].scale) for n, f in lrqat_dist.fold(model).items())  # untouched
 
 
+@pytest.mark.parametrize("corrupt", ["expected", "packed"])
+def test_read_back_mismatch_raises_and_leaves_nothing(tmp_path, monkeypatch, corrupt):
+    """The read-back check is a real check: a fold that differs from the file (or a file whose packed
+    blocks differ from the fold) raises ExportVerificationError and nothing is left at out."""
+    import lrqat_dist.export.gguf as G
+    from lrqat_dist.export import ExportVerificationError
+
+    if corrupt == "expected":
+        folded = G._folded
+        monkeypatch.setattr(G, "_folded", lambda layer, heads: folded(layer, heads) + 1.0)
+    else:
+        pack = G.pack_blocks
+        monkeypatch.setattr(G, "pack_blocks", lambda codes, d, m, qtype: pack(codes, d * np.float16(2), m, qtype))
+    with pytest.raises(ExportVerificationError, match="gguf read-back: verification failed"):
+        G.export_gguf(trained_tiny(4, None, True), tmp_path / "m.gguf", TOKENIZER, embeddings="f32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_tokenizer_leaves_the_model_untouched(tmp_path):
+    """Every refusal (the tokenizer's too) comes before the in-place fp16 rounding of the scales."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    wp = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]")
+    model = trained_tiny(4, None, True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any((v.half().float() != v).any() for k, v in before.items() if k.endswith("scale"))  # would round
+    with pytest.raises(ExportRefused, match="only byte-level BPE tokenizers"):
+        export_gguf(model, tmp_path / "m.gguf", tok)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()) and list(tmp_path.iterdir()) == []
+
+
 def test_eval_tool_on_a_gguf_file(tmp_path):
     """tools/eval.py MODEL.gguf: transformers' GGUF loader (the dequantized export) and, when installed,
     llama.cpp (--runtime llama.cpp) give the held-out perplexity of the exported model."""
-    import importlib.util
     import json
 
     from lrqat_dist.eval.perplexity import text_perplexity
+    from tools import eval as tool
 
     tok = _bpe_tokenizer(tmp_path)
     model = trained_tiny(4, 32, True)
@@ -199,9 +234,6 @@ def test_eval_tool_on_a_gguf_file(tmp_path):
     text = "the quick brown fox jumps over the lazy dog; an integer grid and a learned scale. " * 30
     (tmp_path / "t.txt").write_text(text)
     want = text_perplexity(model, tok, text, seq_len=64).ppl  # the model with its (now fp16) scales
-    spec = importlib.util.spec_from_file_location("eval_tool", Path(__file__).parents[1] / "tools" / "eval.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     args = [str(tmp_path / "m.gguf"), "--ppl-files", str(tmp_path / "t.txt"), "--seq-len", "64"]
     assert tool.main(args + ["--out", str(tmp_path / "deq.json")]) == 0
     res = json.loads((tmp_path / "deq.json").read_text())

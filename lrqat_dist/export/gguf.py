@@ -345,6 +345,8 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
         raise ValueError(f"embeddings: expected one of {EMBEDDING_TYPES}, got {embeddings!r}")
     if tokenizer is None:
         raise ValueError(f"{FORMAT}: a tokenizer is required (the GGUF file carries it)")
+    if out.exists() and not overwrite:  # before anything changes the model (again when staging)
+        raise FileExistsError(f"export: {out} exists; choose another --out or pass overwrite")
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
@@ -374,6 +376,11 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
     if problems:
         _refuse(FORMAT, problems, ALTERNATIVE)
     check_quantized_layers(layers, FORMAT, torch.float32, integer_zero_point=True, alternative=ALTERNATIVE)
+    # The tokenizer and dense tensors can refuse too: check them before round_scales_ changes the model.
+    tokenizer_kv = _RecordedCalls()
+    tokenizer_note = add_tokenizer(tokenizer_kv, tokenizer, int(config.vocab_size), tokenizer_pre)
+    for _ in _dense_weights(model, set(layers), embeddings):
+        pass
     report = ExportReport(FORMAT, out, "float16 scales", len(layers))
     if act_lost:
         report.notes.append(f"activation quantization {act_cfg.describe()}: DROPPED (GGUF carries none)")
@@ -406,7 +413,8 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
         writer.add_rope_freq_base(_rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(int(config.vocab_size))
-        report.notes.append(add_tokenizer(writer, tokenizer, int(config.vocab_size), tokenizer_pre))
+        tokenizer_kv.replay(writer)
+        report.notes.append(tokenizer_note)
 
         m_err = {"max_abs": 0.0, "max_rel_to_d": 0.0}
         for i, (hf, p) in enumerate(plan.items()):
@@ -443,7 +451,7 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
                             + "; dense: " + dense_types)
 
         logger.info("[export] verifying %s with gguf.GGUFReader + gguf.quants.dequantize", stage)
-        report.checks.append(_check_file(stage, expected, plan, m_err, config))
+        report.checks.append(_check_file(stage, expected, plan, m_err, config))  # raises on a mismatch
         if m_err["max_abs"] > 0 or any(not p.mapping.exact for p in plan.values()):
             report.notes.append(f"Q4_1/Q5_1 offset m = -d*z rounded to fp16: max abs weight error "
                                 f"{m_err['max_abs']:.3e} ({m_err['max_rel_to_d']:.3e} of the block's scale d)")
@@ -459,13 +467,27 @@ def _folded(layer, heads: int | None) -> np.ndarray:
     return (w if heads is None else rope_permute(w, heads)).numpy()
 
 
-def _add_dense(writer, model: nn.Module, quantized: set[str], embeddings: str, expected: dict,
-               report: ExportReport) -> str:
-    """Embeddings / untied lm_head in ``embeddings`` type, norms in F32; records expected values."""
-    import gguf
+class _RecordedCalls:
+    """Stands in for a GGUFWriter: records its ``add_*`` calls, replayed once nothing can refuse any more."""
 
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        import gguf
+
+        if not name.startswith("add_") or not hasattr(gguf.GGUFWriter, name):
+            raise AttributeError(name)  # SpecialVocab probes handlers with getattr(writer, ..., None)
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    def replay(self, writer) -> None:
+        for name, args, kwargs in self.calls:
+            getattr(writer, name)(*args, **kwargs)
+
+
+def _dense_weights(model: nn.Module, quantized: set[str], embeddings: str):
+    """(module name, GGUF name, tensor) of every weight written dense; raises ExportRefused first."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    rounded = []
     for key, t in model.state_dict().items():
         mod, _, leaf = key.rpartition(".")
         if leaf != "weight" or mod in quantized or mod.split(".")[-1] in ("_act_quant",):
@@ -478,14 +500,25 @@ def _add_dense(writer, model: nn.Module, quantized: set[str], embeddings: str, e
             if any(mod.startswith(q + ".") for q in quantized):
                 continue  # a quantized layer's own buffers
             raise
+        if embeddings == "q8_0" and t.dim() == 2 and t.shape[1] % BLOCK:
+            raise ExportRefused(f"{FORMAT}: {mod}: Q8_0 needs a row length divisible by {BLOCK}; use "
+                                f"embeddings f16")
+        yield mod, gname, t
+
+
+def _add_dense(writer, model: nn.Module, quantized: set[str], embeddings: str, expected: dict,
+               report: ExportReport) -> str:
+    """Embeddings / untied lm_head in ``embeddings`` type, norms in F32; records expected values."""
+    import gguf
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    rounded = []
+    for mod, gname, t in _dense_weights(model, quantized, embeddings):
         x = t.detach().float().cpu()
         if x.dim() == 2:  # token_embd / output / unquantized linears
             x = rope_permute(x, model.config.num_attention_heads if mod.endswith("q_proj") else
                              model.config.num_key_value_heads) if mod.endswith(("q_proj", "k_proj")) else x
             if embeddings == "q8_0":
-                if x.shape[1] % BLOCK:
-                    raise ExportRefused(f"{FORMAT}: {mod}: Q8_0 needs a row length divisible by {BLOCK}; use "
-                                        f"embeddings f16")
                 data = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0)
                 writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
                 stored = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0)
@@ -546,7 +579,7 @@ def _check_file(path: Path, expected: dict, plan: dict, m_err: dict, config) -> 
     if arch != "llama" or reader.fields["llama.block_count"].contents() != config.num_hidden_layers:
         checker.fail(f"architecture metadata: {arch}, {reader.fields['llama.block_count'].contents()} blocks")
     n_exact = sum(1 for n, (_, e) in expected.items() if e)
-    return (f"GGUFReader + gguf.quants.dequantize: {n_exact} tensors equal the (q/k-permuted) fold with fp16 "
+    return checker.finish(f"GGUFReader + gguf.quants.dequantize: {n_exact} tensors equal the (q/k-permuted) fold with fp16 "
             f"scales bit for bit" + (f", {len(expected) - n_exact} Q4_1/Q5_1 tensors within the fp16 rounding "
                                      f"of m" if n_exact < len(expected) else ""))
 
