@@ -53,3 +53,42 @@ def test_activation_schemes_and_targets():
     require_target(w3, "vllm", "dequantized")  # dense weights: any grid is served
     with pytest.raises(ExportRefused, match="W3: no vLLM GPU kernel"):
         require_target(w3, "vllm", "compressed-tensors")
+
+
+@pytest.mark.parametrize("activations,quant,how", [
+    ("a8asym", {}, "Marlin uint4b8"),  # asymmetric int8 inputs: gone once dropped
+    ("a8", {"symmetric": False, "group_size": 32}, "Marlin uint4 + zero-points"),  # asym weights + a8
+])
+def test_dropping_activation_quant_checks_the_weights_only_scheme(activations, quant, how):
+    """--drop-activation-quant exports W4A16: the vLLM verdict is that scheme's, not W4A8's."""
+    model = _model(activations=activations, **quant)
+    assert not serving_verdicts(model)["vllm"].serves  # as trained (int8 inputs), vLLM refuses it
+    v = require_target(model, "vllm", "compressed-tensors", drop_activation_quant=True)
+    assert v.serves and how in v.how and "W4A8" not in v.how, v.line()
+    assert serving_verdicts(model, drop_activation_quant=True)["llama.cpp"].serves
+
+
+def test_asymmetric_inputs_problem_listed_once():
+    from lrqat_dist.export.serving import _check_vllm
+    from lrqat_dist.methods.act_config import ActQuantConfig
+    from lrqat_dist.quant.affine import QuantSpec
+
+    specs = {f"model.layers.0.mlp.{t}": QuantSpec(4, True, g) for t, g in (("gate_proj", 32), ("up_proj", 32),
+                                                                          ("down_proj", 64))}
+    specs["model.layers.0.self_attn.o_proj"] = QuantSpec(4, True, None)
+    problems = _check_vllm(specs, {}, ActQuantConfig.from_value("a8asym")).problems  # 3 distinct specs
+    assert sum("asymmetric int8 inputs" in p for p in problems) == 1, problems
+
+
+def test_shipped_recipes_pass_the_vllm_check():
+    """Done-when of issue 17: --target vllm passes the shipped recipes (their quant: sections)."""
+    from pathlib import Path
+
+    from lrqat_dist.export.serving import vllm_verdict_for_config
+    from lrqat_dist.train.config import load_config
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        v = vllm_verdict_for_config(load_config(path).quant)
+        assert v.serves and "CompressedTensorsWNA16" in v.how, f"{path.name}: {v.line()}"

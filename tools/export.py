@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.source, step=args.step, trainable_file=args.trainable)
         print(f"[export] {run.describe()}", file=sys.stderr)
         notes = []
-        print("[export] what serves where:\n" + format_verdicts(serving_verdicts(run.model)), file=sys.stderr)
+        print("[export] what serves where:\n" + format_verdicts(serving_verdicts(run.model, args.drop_activation_quant)), file=sys.stderr)
         if args.target:
             verdict = require_target(run.model, args.target, args.format, args.drop_activation_quant)
             if args.target == "vllm" and args.dtype == "float32":

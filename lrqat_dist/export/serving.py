@@ -96,13 +96,13 @@ def _check_vllm(specs: dict[str, QuantSpec], in_features: dict[str, int], act) -
         lost = compressed_tensors_parts(act)[1]
         if lost:
             problems.append("activation quantization vLLM does not run: " + "; ".join(lost))
+    if inputs and not act.symmetric:  # once, whatever the weight grids
+        problems.append("asymmetric int8 inputs: vLLM's W4A8 int path needs symmetric dynamic per-token "
+                        "inputs (preset 'a8', quant.activations.symmetric: true)")
     how = set()
     for spec in kinds:
         b, sym, g = spec.bits, spec.symmetric, spec.group_size
         if inputs:
-            if not act.symmetric:
-                problems.append("asymmetric int8 inputs: vLLM's W4A8 int path needs symmetric dynamic per-token "
-                                "inputs (preset 'a8', quant.activations.symmetric: true)")
             if not sym:
                 problems.append(f"W{b} asymmetric weights with int8 inputs: vLLM's int-activation schemes need "
                                 f"symmetric weights")
@@ -177,14 +177,24 @@ def _check_llama_cpp(model: nn.Module, layers, act) -> Verdict:
                                                                   if len(problems) > 6 else []))
 
 
-def serving_verdicts(model: nn.Module) -> dict[str, Verdict]:
-    """One :class:`Verdict` per runtime in :data:`RUNTIMES` for a prepared model."""
+def serving_verdicts(model: nn.Module, drop_activation_quant: bool = False) -> dict[str, Verdict]:
+    """One :class:`Verdict` per runtime in :data:`RUNTIMES` for a prepared model; with
+    ``drop_activation_quant`` for the weights-only export (what is served once the inputs are not quantized)."""
     layers = quantized_layers(model)
     specs = {n: layer.spec for n, layer in layers.items()}
     in_features = {n: layer.in_features for n, layer in layers.items()}
-    act = model_act_config(model)
+    act = None if drop_activation_quant else model_act_config(model)
     return {"transformers": _check_transformers(specs, act), "vllm": _check_vllm(specs, in_features, act),
             "llama.cpp": _check_llama_cpp(model, layers, act)}
+
+
+def vllm_verdict_for_config(quant, drop_activation_quant: bool = False) -> Verdict:
+    """vLLM's verdict for a recipe's ``quant:`` section (a :class:`~lrqat_dist.methods.QATConfig`) with no
+    model: one spec on every target of a one-block LLaMA; input dims unknown (no Marlin k-tile note)."""
+    spec = QuantSpec(quant.bits, quant.symmetric, quant.group_size)
+    specs = {f"model.layers.0.{'self_attn' if t.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{t}":
+             spec for t in quant.targets}
+    return _check_vllm(specs, {}, None if drop_activation_quant else quant.activations)
 
 
 def format_verdicts(verdicts: dict[str, Verdict]) -> str:
@@ -199,10 +209,9 @@ def require_target(model: nn.Module, target: str, fmt: str, drop_activation_quan
         raise ValueError(f"target: unknown {target!r}; expected one of {', '.join(RUNTIMES)}")
     if fmt not in READS[target]:
         raise ExportRefused(f"--target {target} reads {' or '.join(READS[target])}, not format {fmt!r}")
-    v = serving_verdicts(model)[target]
+    # dropping activation quantization: the weights-only scheme is what will be served
+    v = serving_verdicts(model, drop_activation_quant)[target]
     problems = v.problems
-    if drop_activation_quant:  # the user accepted losing the activation quantization
-        problems = [p for p in problems if "activation quantization" not in p]
     if fmt == "dequantized" and target == "vllm":
         problems = [p for p in problems if "activation" in p]  # dense weights: any grid is served
     if problems:
