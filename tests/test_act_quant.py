@@ -335,3 +335,37 @@ def test_trainer_a8kv4_run_then_eval_applies_activation_quant(tmp_path):
     job = job_dict(tmp_path / "static", quant={"activations": {"preset": "a8", "mode": "static"}})
     with pytest.raises(ValueError, match="quant.activations.mode: 'static' is supported by the Python API only"):
         train(config_from_dict(job), resume="none", builders=synthetic_builders())
+
+
+def test_saved_a8_configs_keep_their_grid(tmp_path, caplog):
+    """A config saved before 'a8' became symmetric (the fully expanded mapping, no 'symmetric' key)
+    loads as the asymmetric grid it was trained with, with a warning; a recipe's plain 'a8' (or a
+    partial mapping) is the current symmetric preset; dump_config always writes 'symmetric'."""
+    import logging
+
+    import yaml
+
+    from lrqat_dist.train.config import dump_config, load_config
+
+    old = {"preset": "a8", "bits": 8, "kv_bits": None, "query_bits": None, "mode": "dynamic",
+           "static_range": "learned", "kv_granularity": "token"}  # what dump_config wrote before
+    with caplog.at_level(logging.WARNING, logger="lrqat_dist.methods.act_config"):
+        assert ActQuantConfig.from_value(old).symmetric is False
+    assert "saved without 'symmetric'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lrqat_dist.methods.act_config"):
+        assert ActQuantConfig.from_value("a8").symmetric is True
+        assert ActQuantConfig.from_value({"preset": "a8", "kv_bits": 8}).symmetric is True  # user-written
+        assert ActQuantConfig.from_value({**old, "symmetric": True}).symmetric is True
+    assert caplog.text == ""
+
+    repo = Path(__file__).parents[1]
+    for preset, sym in (("a8", True), ("a8asym", False)):
+        dumped = dump_config(load_config(repo / "configs/tiny-cpu.yaml", [f"quant.activations={preset}"]))
+        assert yaml.safe_load(dumped)["quant"]["activations"]["symmetric"] is sym  # always explicit
+        (tmp_path / "c.yaml").write_text(dumped)
+        assert load_config(tmp_path / "c.yaml").quant.activations.symmetric is sym
+    raw = yaml.safe_load(dumped)
+    raw["quant"]["activations"] = old  # an old run's config.yaml
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "old.yaml").quant.activations.symmetric is False

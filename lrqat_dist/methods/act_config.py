@@ -10,10 +10,13 @@ See docs/activation-quant.md for what each placement quantizes and what each exp
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ..quant.activation import ACT_BITS
+
+logger = logging.getLogger(__name__)
 
 ACT_MODES = ("dynamic", "static")
 STATIC_RANGES = ("learned", "calibrated")
@@ -31,6 +34,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "a8kv4": {"bits": 8, "kv_bits": 4, "query_bits": 8, "symmetric": False},
     "a4kv4": {"bits": 4, "kv_bits": 4, "query_bits": 4, "symmetric": False},
 }
+
+# Every field a saved config (dump_config, native export metadata) held before ``symmetric`` existed,
+# when all inputs were asymmetric: such a mapping without ``symmetric`` is an old run's exact grid.
+PRE_SYMMETRIC_FIELDS = frozenset({"bits", "kv_bits", "query_bits", "mode", "static_range", "kv_granularity"})
 
 
 @dataclass
@@ -101,6 +108,13 @@ class ActQuantConfig:
         if isinstance(value, dict):
             preset = value.get("preset")
             merged = {**PRESETS.get(preset, {}), **value} if isinstance(preset, str) else dict(value)
+            if "symmetric" not in value and PRE_SYMMETRIC_FIELDS <= value.keys() and merged.get("symmetric"):
+                # A saved, fully expanded config from before 'a8' became symmetric: keep its trained grid.
+                # (A recipe's plain 'a8' or a partial mapping means the current preset.)
+                logger.warning("%s: preset %r saved without 'symmetric' (a config from before a8 became "
+                               "symmetric): keeping the asymmetric int8 inputs it was trained with "
+                               "(symmetric: false); re-save the config to silence this", section, preset)
+                merged["symmetric"] = False
             return from_dict(cls, merged, section)
         raise ValueError(f"{section}: expected a preset name ({', '.join(PRESETS)}) or a mapping, "
                          f"got {type(value).__name__}")
