@@ -333,8 +333,10 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, *, embeddings
     of that rounding is measured and reported. The file is read back with gguf-py's ``GGUFReader``
     and dequantized with ``gguf.quants.dequantize``; every quantized tensor must equal the (q/k
     permuted) ``fold().dequantize()`` bit for bit, except the fp16 rounding of ``m`` in Q4_1/Q5_1,
-    whose maximum is reported. Raises :class:`ExportRefused` (nothing written) for what no block
-    type holds (the message names the layer and the nearest exportable setting).
+    whose maximum is reported (a mismatch raises :class:`ExportVerificationError`, nothing left at
+    ``out``). Raises :class:`ExportRefused` (nothing written, the model unchanged: every refusal,
+    the tokenizer's included, comes before the scale rounding) for what no block type holds (the
+    message names the layer and the nearest exportable setting).
     """
     _require_gguf()
     import gguf
@@ -486,7 +488,7 @@ class _RecordedCalls:
 
 
 def _dense_weights(model: nn.Module, quantized: set[str], embeddings: str):
-    """(module name, GGUF name, tensor) of every weight written dense; raises ExportRefused first."""
+    """(module name, GGUF name, tensor) of every weight written dense; ExportRefused for one GGUF cannot hold."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for key, t in model.state_dict().items():
         mod, _, leaf = key.rpartition(".")
