@@ -188,7 +188,6 @@ def test_refusal_lists_every_layer_once_and_changes_nothing(tmp_path):
 def test_eval_tool_on_a_gguf_file(tmp_path):
     """tools/eval.py MODEL.gguf: transformers' GGUF loader (the dequantized export) and, when installed,
     llama.cpp (--runtime llama.cpp) give the held-out perplexity of the exported model."""
-    import importlib.util
     import json
 
     from lrqat_dist.eval.perplexity import text_perplexity
@@ -199,9 +198,7 @@ def test_eval_tool_on_a_gguf_file(tmp_path):
     text = "the quick brown fox jumps over the lazy dog; an integer grid and a learned scale. " * 30
     (tmp_path / "t.txt").write_text(text)
     want = text_perplexity(model, tok, text, seq_len=64).ppl  # the model with its (now fp16) scales
-    spec = importlib.util.spec_from_file_location("eval_tool", Path(__file__).parents[1] / "tools" / "eval.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import eval as tool
     args = [str(tmp_path / "m.gguf"), "--ppl-files", str(tmp_path / "t.txt"), "--seq-len", "64"]
     assert tool.main(args + ["--out", str(tmp_path / "deq.json")]) == 0
     res = json.loads((tmp_path / "deq.json").read_text())
