@@ -168,3 +168,60 @@ def test_cost_model_picks_the_cheaper_form():
     assert not use(True, 1, 0.0, 256, 32)  # nothing clipped: x W^T for ds, no G
     assert use(True, 1, 0.0023, 1024, 32)  # SmolLM2's W4 fraction with a trained scale: G gives ds too
     assert use(True, 4, 0.0, 1024, 32)  # per-group trained scales need G
+
+
+@pytest.mark.parametrize("kw", [dict(downcast="q4.4"), dict(downcast="int-packed", symmetric=False, group_size=GROUP)])
+def test_compiled_rebuild_is_bit_identical_and_gives_the_same_gradients(kw):
+    """``compile_rebuild``: the torch.compile-d rebuild (CPU inductor) equals the eager one bit for bit
+    (weight and clipped mask), so forward output and gradients are equal, not merely close; fold is
+    unaffected. Without a working compiler the module falls back to eager: then this test fails
+    (it checks that the compiled path really ran)."""
+    from lrqat_dist.methods import compiled_rebuild
+
+    eager = _layer("lrqat", spread=1.5, **kw)
+    comp = _layer("lrqat", spread=1.5, compile_rebuild=True, **kw)
+    assert comp.compile_rebuild and _clipped_fraction(eager) > 0
+    x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(3))
+    y_ref, gx_ref, ref = _grads(eager, x, "fast")
+    y, gx, got = _grads(comp, x, "fast")
+    assert compiled_rebuild.enabled(), "the compiled rebuild fell back to eager (see the warning)"
+    assert any(s[-4] == (OUT, IN) for s in compiled_rebuild._VERIFIED)  # it ran, on this shape
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    w_c, m_c = comp.fused_rebuild(with_mask=True, compiled=True)
+    w_e, m_e = eager.fused_rebuild(with_mask=True)
+    assert torch.equal(w_c, w_e) and torch.equal(m_c, m_e)
+    assert torch.equal(comp.fold().codes, eager.fold().codes)
+
+
+def test_compiled_rebuild_falls_back_to_eager_on_a_mismatch(monkeypatch, caplog):
+    """A compiled result that differs from the eager one is replaced by it, with one warning, and
+    compiling stays off afterwards."""
+    from lrqat_dist.methods import compiled_rebuild
+
+    def wrong(*args, **kw):
+        def fn(pre, *rest):
+            pre.fill_(7.0)
+        return fn
+
+    monkeypatch.setattr(compiled_rebuild, "_make", wrong)
+    monkeypatch.setattr(compiled_rebuild, "_COMPILED", {})
+    monkeypatch.setattr(compiled_rebuild, "_VERIFIED", set())
+    monkeypatch.setattr(compiled_rebuild, "_STATE", {"enabled": True})
+    layer = _layer("lrqat", spread=1.5, compile_rebuild=True)
+    with caplog.at_level("WARNING", logger="lrqat_dist.methods.compiled_rebuild"):
+        w, m = layer.fused_rebuild(with_mask=True, compiled=True)
+        w2, _ = layer.fused_rebuild(compiled=True)
+    ref, ref_m = layer.fused_rebuild(with_mask=True)
+    assert torch.equal(w, ref) and torch.equal(m, ref_m) and torch.equal(w2, ref)
+    assert not compiled_rebuild.enabled()
+    assert [r.message for r in caplog.records if "differs from the eager" in r.message] and len(caplog.records) == 1
+
+
+def test_compile_rebuild_config_is_validated():
+    with pytest.raises(ValueError, match="compile_rebuild"):
+        QATConfig(method="peqa", compile_rebuild=True)
+    with pytest.raises(ValueError, match="compile_rebuild"):
+        QATConfig(backward="autograd", compile_rebuild=True)
+    with pytest.raises(ValueError, match="compile_rebuild"):
+        QATConfig(compile_rebuild="yes")

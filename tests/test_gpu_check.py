@@ -20,6 +20,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     fast = checks["fast_path"]
     assert 0 < fast["worst_grad_rel"] <= 1e-5 and fast["min_clipped_fraction"] > 0
     assert 1e-4 < checks["bf16_numerics"]["worst_rel"] < 2e-2  # bf16 differs from fp32, but not by much
-    assert checks["engines"]["rows"]["single"]["second_step"] == 8
+    single = checks["engines"]["rows"]["single"]
+    assert single["resumed"]["steps"] == [3, 8] and single["resume_bit_identical"] and single["n_trainable"] > 0
+    assert single["uninterrupted"]["dtypes"]["trainable"] == ["torch.float32"]
     assert all(r["fold_codes_equal"] for r in checks["device_exactness"]["rows"])
     assert "| fast_path | True |" in (tmp_path / "report.md").read_text()

@@ -15,7 +15,9 @@ temporary page-fault). One untimed warm-up step per variant.
 
 Variants: ``lora`` (frozen fp32 W plus rank-32 adapters, B = 0), ``lrqat-q4.4`` / ``lrqat-int4p`` /
 ``lrqat-bf16`` (downcast of Phi0), ``peqa``, ``full_qat``; ``-autograd`` = the same method on the
-plain reference backward (``QATConfig.backward: autograd``, the pre-issue-14 path). W4 per channel,
+plain reference backward (``QATConfig.backward: autograd``, the pre-issue-14 path);
+``lrqat-q4.4-compiled`` (``QATConfig.compile_rebuild``, only when named in ``--variants``: its
+compile happens in the untimed warm-up step, reported as ``warmup_s``). W4 per channel,
 rank 32; range: Lp-4 on a 20-point grid for single linears, min-max for whole models (the shared
 builder of lrqat_dist.memory.benchmark); LR-QAT adapters are then perturbed so that ``c B@A`` has a standard deviation
 of ``--code-std`` grid steps (some codes clip, as after training; the clipped fraction is reported).
@@ -32,9 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 logger = logging.getLogger("bench_speed")
 
 VARIANTS = {
@@ -47,8 +46,12 @@ VARIANTS = {
     "lrqat-q4.4-autograd": dict(method="lrqat", downcast="q4.4", backward="autograd"),
     "peqa-autograd": dict(method="peqa", backward="autograd"),
     "full_qat-autograd": dict(method="full_qat", backward="autograd"),
+    # QATConfig.compile_rebuild; only on request (--variants): its compile warm-up (untimed, reported
+    # as warmup_s) is seconds to a minute per shape
+    "lrqat-q4.4-compiled": dict(method="lrqat", downcast="q4.4", compile_rebuild=True),
 }
-ALL = list(VARIANTS)
+ON_REQUEST = {"lrqat-q4.4-compiled"}
+ALL = [v for v in VARIANTS if v not in ON_REQUEST]
 NO_AUTOGRAD_FULL = [v for v in ALL if v != "full_qat-autograd"]
 
 LLAMA7B_2L = {"hidden": 4096, "intermediate": 11008, "layers": 2, "heads": 32, "kv_heads": 32, "vocab": 32000,
@@ -89,7 +92,7 @@ def _qat_config(v: dict, rank: int):
     from lrqat_dist import QATConfig
 
     return QATConfig(method=v["method"], downcast=v.get("downcast", "fixed"), rank=rank, range_init="lp", lp_grid=20,
-                     backward=v.get("backward", "fast"))
+                     backward=v.get("backward", "fast"), compile_rebuild=v.get("compile_rebuild", False))
 
 
 def perturb_adapters(model, code_std: float, seed: int = 0) -> float:
@@ -177,6 +180,8 @@ def _build_model(bm, spec: dict, v: dict):
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.backward = v.get("backward", "fast")
+            if v.get("compile_rebuild"):
+                m.compile_rebuild = True
     return model
 
 
@@ -191,15 +196,20 @@ def run_case(name: str, case: dict, repeats: int, rank: int, code_std: float, va
     import gc
 
     bm = _bench_memory()
+    # an explicit --variants list may name the on-request variants too
     names = [v for v in case["variants"] if variants is None or v in variants]
+    names += [v for v in variants or [] if v in ON_REQUEST and v not in names]
     if "lora" not in names:
         names.insert(0, "lora")
     shared: dict = {}
     runners = {}
     t0 = time.perf_counter()
+    warmup = {}
     for v in names:
         runners[v] = _Runner(case, v, rank, code_std, bm, shared)
-        runners[v].step()  # warm-up (untimed)
+        t = time.perf_counter()
+        runners[v].step()  # warm-up (untimed; includes torch.compile for -compiled)
+        warmup[v] = time.perf_counter() - t
     build_s = time.perf_counter() - t0
     times: dict[str, list[float]] = {v: [] for v in names}
     load_before = _load()
@@ -212,7 +222,7 @@ def run_case(name: str, case: dict, repeats: int, rank: int, code_std: float, va
             times[v].append(time.perf_counter() - t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     rows = [{"variant": v, "median_s": med[v], "ratio_to_lora": med[v] / med["lora"], "times_s": times[v],
-             "clipped_fraction": runners[v].clipped} for v in names]
+             "warmup_s": warmup[v], "clipped_fraction": runners[v].clipped} for v in names]
     logger.info("%s: built + warmed up in %.1f s", name, build_s)
     return {"case": name, "rows": rows, "load_before": load_before, "load_after": _load(), "repeats": repeats}
 
@@ -220,13 +230,13 @@ def run_case(name: str, case: dict, repeats: int, rank: int, code_std: float, va
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"torch {meta['torch']}, {meta['threads']} thread(s), {meta['repeats']} rounds, median; "
              f"load average (1/5/15 min) per case shown before -> after.", "",
-             "| case | variant | median s | x LoRA | clipped | load |", "|---|---|---|---|---|---|"]
+             "| case | variant | median s | x LoRA | clipped | warm-up s | load |", "|---|---|---|---|---|---|---|"]
     for res in results:
         for i, row in enumerate(res["rows"]):
             clip = "" if row["clipped_fraction"] != row["clipped_fraction"] else f"{100 * row['clipped_fraction']:.2f}%"
             load = f"{res['load_before']} -> {res['load_after']}" if i == 0 else ""
             lines.append(f"| {res['case'] if i == 0 else ''} | {row['variant']} | {row['median_s']:.3f} | "
-                         f"{row['ratio_to_lora']:.2f} | {clip} | {load} |")
+                         f"{row['ratio_to_lora']:.2f} | {clip} | {row['warmup_s']:.1f} | {load} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,12 +13,15 @@ order of risk:
 1. ``bf16_numerics``: the LR-QAT linear at 7B shapes with bf16 inputs against fp32 (TF32 off):
    relative error of the output and of dA, dB, ds.
 2. ``fast_path``: the exact fast backward against the plain autograd path (fp32, relative error),
-   step time of LoRA / LR-QAT (fast, autograd) / full QAT as ratios, and ``torch.compile`` of the
-   fused rebuild: bit-equality with the eager rebuild, compile warm-up and steady-state time.
+   step time of LoRA / LR-QAT (fast, autograd) / full QAT as ratios, and ``QATConfig.compile_rebuild``
+   (the library's torch.compile path): rebuild and mask bit-equal to eager, gradients through it
+   equal, compile warm-up, rebuild and step time compiled vs eager.
 3. ``device_exactness``: frozen buffers (``lp`` range init: s0, zero-point, Phi0) and ``fold()``
    codes built on the device against the same built on CPU, bit for bit.
 4. ``engines``: single-device, FSDP2, DeepSpeed ZeRO-2/3 (world size 1, NCCL, activation
-   checkpointing on) trained to a preemption at step 3 and resumed to step 8; steps and final losses.
+   checkpointing on): 8 steps uninterrupted, and preempted at step 3 then resumed to 8; the final
+   trainable tensors must be bit-identical; dtypes right after the engine's set-up (trainable fp32,
+   frozen parameters the training dtype).
 5. ``memory``: peak allocated / reserved of full-depth 7B-shaped LR-QAT at seq 1024 with and without
    checkpointing, 13B-shaped with checkpointing, against the planner (target within 10%); 70B
    feasibility of two 70B-shaped layers plus a placeholder for the replicated Phi0 of the others.
@@ -36,9 +39,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 logger = logging.getLogger("gpu_check")
 
@@ -128,18 +128,34 @@ def _time(fn, device, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _compiled_rebuild():
-    """The fused rebuild of a symmetric fixed-point LR-QAT layer as one function for torch.compile:
-    the same operations, in the same order, as LRQATLinear.fused_rebuild (checked bitwise below)."""
+def _compiled_vs_eager(layer, x, go, device, repeats: int) -> dict:
+    """``QATConfig.compile_rebuild`` (the library's path, lrqat_dist.methods.compiled_rebuild) on this
+    device: the compiled rebuild and mask bit-equal to eager, gradients through it equal (not
+    close), compile warm-up and steady-state time of one rebuild."""
     import torch
 
-    def rebuild(phi0, lora_a, lora_b, scale, scaling: float, frac: int, qmin: int, qmax: int):
-        pre = (lora_b @ lora_a) * scaling + phi0.float() / 2.0**frac
-        q = torch.clamp(torch.round(pre), qmin, qmax)
-        out, inp = q.shape
-        return (q.reshape(out, scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(out, inp)
+    from lrqat_dist.methods import compiled_rebuild
 
-    return torch.compile(rebuild, dynamic=False)
+    comp = {}
+    try:
+        t0 = time.perf_counter()
+        wc, mc = layer.fused_rebuild(with_mask=True, compiled=True)  # compiles and checks against eager
+        _sync(device)
+        comp["warmup_s"] = time.perf_counter() - t0
+        comp["still_enabled"] = compiled_rebuild.enabled()  # False: it failed or differed (warning logged)
+        we, me = layer.fused_rebuild(with_mask=True)
+        comp["bit_equal"] = bool(torch.equal(wc, we) and torch.equal(mc, me)) and comp["still_enabled"]
+        layer.compile_rebuild = False
+        _, ref = _grads(layer, x, go, "fast")
+        layer.compile_rebuild = True
+        _, got = _grads(layer, x, go, "fast")
+        layer.compile_rebuild = False
+        comp["grads_equal"] = all(torch.equal(got[n], ref[n]) for n in ref) and compiled_rebuild.enabled()
+        comp["compiled_s"] = _time(lambda: layer.fused_rebuild(compiled=True), device, repeats)
+        comp["eager_s"] = _time(lambda: layer.fused_rebuild(), device, repeats)
+    except Exception as e:  # recorded: the check's row says why
+        comp["error"] = f"{type(e).__name__}: {e}"
+    return comp
 
 
 def check_fast_path(device, smoke: bool, with_compile: bool) -> dict:
@@ -185,31 +201,23 @@ def check_fast_path(device, smoke: bool, with_compile: bool) -> dict:
                          "clipped_fraction": float(clipped.float().mean()),
                          "seconds": t, "x_lora": {k: v / t["lora"] for k, v in t.items()},
                          "lrqat_over_full_qat": t["lrqat_fast"] / t["full_qat"]})
-        # torch.compile of the rebuild (fixed-point Phi0, symmetric): bits and time
-        comp = {}
+        # QATConfig.compile_rebuild (Q4.4 Phi0, symmetric, per channel) at the last token count
         if not with_compile:
-            comp["skipped"] = "--cpu-smoke without --with-compile (inductor's warm-up is ~70 s on a loaded 2-core CPU)"
+            comp = {"skipped": "--cpu-smoke without --with-compile (inductor's warm-up is 10-70 s on a loaded 2-core CPU)"}
         else:
-            try:
-                fn = _compiled_rebuild()
-                args = (lr.phi0, lr.lora_A.detach(), lr.lora_B.detach(), lr.scale.detach(), lr.scaling,
-                        lr.downcast.frac_bits, lr.spec.qmin, lr.spec.qmax)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    wc = fn(*args)
-                _sync(device)
-                comp["warmup_s"] = time.perf_counter() - t0
-                with torch.no_grad():
-                    comp["bit_equal"] = bool(torch.equal(wc, lr.fused_rebuild()[0]))
-                    comp["compiled_s"] = _time(lambda: fn(*args), device, repeats)
-                    comp["eager_s"] = _time(lambda: lr.fused_rebuild(), device, repeats)
-            except Exception as e:  # recorded, not fatal: compile needs a compiler toolchain
-                comp["error"] = f"{type(e).__name__}: {e}"
+            comp = _compiled_vs_eager(lr, x, go, device, repeats)
+            if "error" not in comp:
+                lr.compile_rebuild = True
+                comp["step_compiled_s"] = _time(run(lr, "fast"), device, repeats)
+                lr.compile_rebuild = False
+                comp["step_compiled_x_lora"] = comp["step_compiled_s"] / t["lora"]
+                comp["step_eager_x_lora"] = t["lrqat_fast"] / t["lora"]
         rows[-1]["compile_rebuild"] = comp
         del lr, fq
     worst = max(max(v for k, v in r.items() if k.endswith("_rel")) for r in rows)
     clipped = min(r["clipped_fraction"] for r in rows)
-    bits = all(r.get("compile_rebuild", {}).get("bit_equal", True) for r in rows)
+    comps = [r.get("compile_rebuild", {}) for r in rows]
+    bits = all(c.get("bit_equal", True) and c.get("grads_equal", True) and "error" not in c for c in comps)
     return {"rows": rows, "worst_grad_rel": worst, "min_clipped_fraction": clipped,
             "ok": worst <= 1e-5 and clipped > 0 and bits}
 
@@ -250,63 +258,141 @@ def check_device_exactness(device, smoke: bool) -> dict:
 
 
 # --- 4. engines -------------------------------------------------------------------------------------
-def _single_engine_run(out: Path, device, dtype: str) -> dict:
-    sys.path.insert(0, str(ROOT / "tests" / "dist"))
-    from train_common import job_dict, synthetic_builders
+# A tiny LLaMA job trained on seeded random tokens (no tokenizer, no files): the engines are under test,
+# not the data. Each engine trains 8 steps uninterrupted, then again preempted at step 3 and resumed;
+# the two final checkpoints' trainable tensors must be equal bit for bit.
+ENGINE_DIST = {"single": {"engine": "none"}, "fsdp2": {"engine": "fsdp2"},
+               "ds2": {"engine": "deepspeed", "zero_stage": 2}, "ds3": {"engine": "deepspeed", "zero_stage": 3}}
+_VOCAB = 512
 
-    from lrqat_dist.train import read_metrics, train
+
+def _engine_job(out: Path, engine: str, device: str, dtype: str, ckpt: bool) -> dict:
+    return {
+        "model": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "vocab_size": _VOCAB, "max_position_embeddings": 128, "tie_word_embeddings": True},
+                  "init_seed": 0, "tokenizer": "unused-by-synthetic-data"},
+        "quant": {"method": "lrqat", "bits": 4, "rank": 8, "downcast": "fixed", "range_init": "minmax"},
+        "data": {"seq_len": 64},
+        "train": {"output_dir": str(out), "max_steps": 8, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2,
+                  "scale_lr": 1e-4, "warmup_ratio": 0.25, "save_every": 0, "keep_last": 2, "log_every": 1,
+                  "val_every": 0, "dtype": dtype, "device": device, "activation_checkpointing": ckpt},
+        "dist": dict(ENGINE_DIST[engine]),
+        "log": {"tensorboard": False, "progress_bar": False},
+    }
+
+
+class _RandomTokens:
+    """Resumable loader: micro-batch ``k`` of rank ``r`` is drawn from a generator seeded by (k, r)."""
+
+    def __init__(self, seq_len: int, mbs: int, rank: int):
+        self.seq_len, self.mbs, self.rank, self.consumed = seq_len, mbs, rank, 0
+
+    def __iter__(self):
+        import torch
+
+        while True:
+            g = torch.Generator().manual_seed(1_000_003 * self.consumed + self.rank)
+            self.consumed += 1
+            yield {"input_ids": torch.randint(0, _VOCAB, (self.mbs, self.seq_len), generator=g)}
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.consumed = sd["consumed"]
+
+    def skip_counts(self) -> dict:
+        return {}
+
+
+def _builders():
+    import dataclasses
+
+    from lrqat_dist.train import Builders
+
+    return dataclasses.replace(
+        Builders(), tokenizer=lambda cfg, cache: None, val_loader=lambda cfg, tok, env: None,
+        train_loader=lambda cfg, tok, env: _RandomTokens(cfg.data.seq_len, cfg.train.micro_batch_size, env.rank))
+
+
+def _setup_dtypes(module, dtype: str) -> dict:
+    """Dtypes right after the engine's set-up: trainable tensors must be fp32 (A, B, s: the optimizer
+    updates them), frozen floating-point parameters the training dtype."""
+    import torch
+
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    trainable = sorted({str(p.dtype) for p in module.parameters() if p.requires_grad})
+    frozen = sorted({str(p.dtype) for p in module.parameters() if not p.requires_grad and p.is_floating_point()})
+    buffers = {n.rsplit(".", 1)[-1]: str(b.dtype) for n, b in module.named_buffers() if b is not None}
+    return {"trainable": trainable, "frozen_params": frozen, "buffers": buffers,
+            "ok": trainable == ["torch.float32"] and frozen == [str(want)]}
+
+
+def engine_worker(engine: str, out: Path, device: str, dtype: str, ckpt: bool) -> dict:
+    """Both runs of one engine in this process (under torchrun for the distributed engines)."""
+    import signal
+
+    import torch
+
+    from lrqat_dist.checkpoint import list_checkpoints, read_meta
+    from lrqat_dist.checkpoint.reader import read_trainable
+    from lrqat_dist.train import read_metrics
     from lrqat_dist.train.config import config_from_dict
+    from lrqat_dist.train.loop import Trainer
 
-    cfg = config_from_dict(job_dict(out, train={"device": device.type, "dtype": dtype, "save_every": 3}))
-    first = train(cfg, resume="none", builders=synthetic_builders(), on_step=_stop_at(3))
-    second = train(cfg, resume="auto", builders=synthetic_builders())
-    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
-    return {"first_step": first.step, "second_step": second.step, "final_loss": losses[-1] if losses else None}
+    def run(sub: str, kill_at: int | None) -> tuple[dict, dict]:
+        cfg = config_from_dict(_engine_job(out / sub, engine, device, dtype, ckpt))
+        t = time.perf_counter()
+        trainer = Trainer(cfg, _builders())
+        dtypes = _setup_dtypes(trainer.engine.module, dtype)
 
+        def kill(step):
+            if step == kill_at and int(os.environ.get("RANK", "0")) == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
 
-def _stop_at(step_to_stop: int):
-    def hook(step):
-        if step == step_to_stop:
-            import signal
+        first = trainer.run(resume="none", on_step=kill if kill_at else None)
+        steps = [first.step]
+        if kill_at:
+            steps.append(Trainer(cfg, _builders()).run(resume="auto").step)
+        final = list_checkpoints(out / sub)[-1][1]
+        state, _ = read_trainable(final, read_meta(final))
+        losses = [r["loss"] for r in read_metrics(out / sub) if "loss" in r]
+        return {"steps": steps, "final_loss": losses[-1] if losses else None, "dtypes": dtypes,
+                "seconds": time.perf_counter() - t}, state
 
-            os.kill(os.getpid(), signal.SIGTERM)
-    return hook
+    plain, ref = run("uninterrupted", None)
+    resumed, got = run("resumed", 3)
+    same = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    moved = any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if k.endswith("lora_B"))
+    return {"uninterrupted": plain, "resumed": resumed, "resume_bit_identical": same, "n_trainable": len(got),
+            "ok": same and moved and resumed["steps"] == [3, 8] and plain["dtypes"]["ok"] and resumed["dtypes"]["ok"]}
 
 
 def check_engines(device, smoke: bool, out: Path) -> dict:
     import shutil
 
-    rows = {}
     dtype = "float32" if device.type == "cpu" else "bfloat16"
-    shutil.rmtree(out / "engines", ignore_errors=True)  # this tool's own output of an earlier run
-    rows["single"] = _single_engine_run(out / "engines" / "single", device, dtype)
+    root = out / "engines"
+    shutil.rmtree(root, ignore_errors=True)  # this tool's own output of an earlier run
+    rows = {"single": engine_worker("single", root / "single", device.type, dtype, ckpt=False)}
     if smoke:
-        return {"rows": rows, "ok": rows["single"]["second_step"] == 8,
+        return {"rows": rows, "ok": rows["single"]["ok"],
                 "note": "CPU smoke: single-device engine only (torchrun start-up of the others costs ~20 s each)"}
+    engines = ["fsdp2", "ds2", "ds3"]
     try:
         import deepspeed  # noqa: F401
-        engines = "ds2,ds3,fsdp2"
     except ImportError:
-        engines = "fsdp2"
+        engines = ["fsdp2"]
         rows["deepspeed"] = {"error": "deepspeed not installed: ZeRO rows not measured"}
-    root = out / "engines" / "dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           str(ROOT / "tests" / "dist" / "engine_matrix.py"), str(root), "--engines", engines,
-           "--train", json.dumps({"device": "cuda", "dtype": dtype, "activation_checkpointing": True})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          timeout=240)
-    from lrqat_dist.train import read_metrics
-
-    for name in engines.split(","):
+    for name in engines:  # world size 1, NCCL, activation checkpointing on (ZeRO-3 with it, as the issue asks)
         res = root / name / "result.json"
-        if res.is_file():
-            r = json.loads(res.read_text())
-            losses = [m["loss"] for m in read_metrics(root / name) if "loss" in m]
-            rows[name] = {"first_step": r["first"]["step"], "second_step": r["second"]["step"],
-                          "final_loss": losses[-1] if losses else None, "seconds": r["seconds"]}
-        else:
-            rows[name] = {"error": f"no result (rc {proc.returncode}): {proc.stderr[-800:]}"}
-    ok = all(r.get("second_step") == 8 for k, r in rows.items() if k != "deepspeed")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(Path(__file__).resolve()),
+               "--engine-worker", name, "--out", str(root / name), "--dtype", dtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        rows[name] = (json.loads(res.read_text()) if res.is_file()
+                      else {"ok": False, "error": f"no result (rc {proc.returncode}): {proc.stderr[-800:]}"})
+    ok = all(r.get("ok") for k, r in rows.items() if k != "deepspeed")
     return {"rows": rows, "ok": ok}
 
 
@@ -398,9 +484,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="reduced checks on CPU (under a minute)")
     ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {CHECKS}")
     ap.add_argument("--with-compile", action="store_true", help="with --cpu-smoke: also torch.compile the rebuild")
+    ap.add_argument("--engine-worker", choices=list(ENGINE_DIST), help=argparse.SUPPRESS)  # under torchrun
+    ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: to try a worker by hand (gloo)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
+
+    if args.engine_worker:
+        out = Path(args.out)
+        res = engine_worker(args.engine_worker, out, args.device, args.dtype, ckpt=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / "result.json").write_text(json.dumps(res, indent=1))
+        return 0
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be fp32
     torch.backends.cudnn.allow_tf32 = False

@@ -39,6 +39,10 @@ class QATConfig:
     loqt_final_merge: LoQT: merge B into the quantized weights after the last step (fold is then exact).
     backward:    ``fast`` (exact gradients without an autograd graph through the weight, where the
                  method has them: LR-QAT, PEQA, full QAT) or ``autograd`` (the plain reference path).
+    compile_rebuild: LR-QAT with ``backward: fast`` only: rebuild the weight in forward/backward through
+                 ``torch.compile`` (one fused loop; each shape's first result checked bit-equal to the
+                 eager rebuild, else eager with a warning). Compile warm-up: tens of seconds per shape
+                 on CPU; pays on long runs of large layers (docs/bench-speed.md).
     activations: activation / KV-cache quantization (:class:`ActQuantConfig`, a preset name such as
                  ``a8``, ``a8kv4``, ``a4kv4``, or a mapping); None = weight-only.
     """
@@ -64,6 +68,7 @@ class QATConfig:
     loqt_error_comp: int = 0
     loqt_final_merge: bool = True
     backward: str = "fast"
+    compile_rebuild: bool = False
     activations: ActQuantConfig | str | dict | None = None
 
     def __post_init__(self):
@@ -97,6 +102,11 @@ class QATConfig:
             raise ValueError(f"loqt_error_comp: expected an int >= 0, got {self.loqt_error_comp!r}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward: unknown {self.backward!r}; expected one of {', '.join(BACKWARDS)}")
+        if not isinstance(self.compile_rebuild, bool):
+            raise ValueError(f"compile_rebuild: expected true or false, got {self.compile_rebuild!r}")
+        if self.compile_rebuild and (self.method != "lrqat" or self.backward != "fast"):
+            raise ValueError("compile_rebuild: only LR-QAT's fast backward has the compiled rebuild "
+                             f"(method: {self.method}, backward: {self.backward}); set compile_rebuild: false")
         self.activations = ActQuantConfig.from_value(self.activations)
 
     @property

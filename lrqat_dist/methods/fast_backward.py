@@ -109,7 +109,7 @@ def _gram_block(g2: torch.Tensor, x2: torch.Tensor, rows: slice) -> torch.Tensor
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, lora_a, lora_b, scale):
-        w, _ = module.fused_rebuild(scratch=SCRATCH)
+        w, _ = module.fused_rebuild(scratch=SCRATCH, compiled=module.compile_rebuild)
         ctx.module = module
         ctx.save_for_backward(x)
         return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
@@ -119,7 +119,7 @@ class _LowRankLinear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         m = ctx.module
         need_x, _, need_a, need_b, need_s = ctx.needs_input_grad
-        w, clipped = m.fused_rebuild(with_mask=need_a or need_b, scratch=SCRATCH)
+        w, clipped = m.fused_rebuild(with_mask=need_a or need_b, scratch=SCRATCH, compiled=m.compile_rebuild)
         grad_x = _grad_x(grad_out, w, x.shape) if need_x else None
         if not (need_a or need_b or need_s):
             return grad_x, None, None, None, None

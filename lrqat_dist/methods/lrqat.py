@@ -15,6 +15,7 @@ from torch import nn
 from ..quant.affine import QuantSpec, clamp_codes, round_clamp_dequantize_, round_ste, row_blocks, to_codes_domain
 from ..quant.downcast import Downcast, get_downcast
 from ..quant.range_init import init_range
+from . import compiled_rebuild
 from .base import QuantLinear
 from .config import QATConfig
 from .fast_backward import lrqat_linear
@@ -45,6 +46,7 @@ class LRQATLinear(QuantLinear):
         layer.to(linear.weight.device)
         layer.init_from_weight(linear.weight, cfg)
         layer.backward = cfg.backward
+        layer.compile_rebuild = cfg.compile_rebuild
         return layer
 
     @torch.no_grad()
@@ -73,8 +75,10 @@ class LRQATLinear(QuantLinear):
     def scale_tensor(self) -> torch.Tensor:
         return self.scale
 
+    compile_rebuild = False  # QATConfig.compile_rebuild: forward/backward rebuild through torch.compile
+
     @torch.no_grad()
-    def fused_rebuild(self, dequant: bool = True, with_mask: bool = False, scratch=None
+    def fused_rebuild(self, dequant: bool = True, with_mask: bool = False, scratch=None, compiled: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W_hat`` (or the codes, ``dequant=False``) and optionally the clipped mask, without autograd:
         one ``[out, in]`` fp32 tensor (B@A, overwritten in place row block by row block) plus the mask.
@@ -83,7 +87,9 @@ class LRQATLinear(QuantLinear):
         matmul: row-sliced matmuls round differently), so the bits are identical; forward, backward,
         :meth:`fold` and export all rebuild through here. ``scratch`` (forward/backward only, see
         :class:`~lrqat_dist.methods.fast_backward._Scratch`): write into its reused buffers; the
-        result is then valid only until the next rebuild."""
+        result is then valid only until the next rebuild. ``compiled`` (forward/backward only, with
+        ``compile_rebuild``): the elementwise chain through :mod:`.compiled_rebuild`, which checks
+        its first result per shape against this eager chain and falls back to it."""
         shape, dev = (self.out_features, self.in_features), self.lora_B.device
         pre = None if scratch is None else scratch.get("weight", shape, torch.float32, dev)
         pre = torch.matmul(self.lora_B, self.lora_A, out=pre) if pre is not None else self.lora_B @ self.lora_A
@@ -91,12 +97,16 @@ class LRQATLinear(QuantLinear):
         if with_mask:
             clipped = None if scratch is None else scratch.get("clipped", shape, torch.bool, dev)
             clipped = torch.empty(shape, dtype=torch.bool, device=dev) if clipped is None else clipped
-        zp = self.zero_point
-        for rows in row_blocks(*pre.shape):
-            blk = pre[rows]
-            blk.mul_(self.scaling).add_(self.downcast.decode(self.phi0[rows]))
-            round_clamp_dequantize_(blk, self.scale[rows], None if zp is None else zp[rows], self.spec,
-                                    None if clipped is None else clipped[rows], dequant)
+        def eager(pre, clipped):
+            zp = self.zero_point
+            for rows in row_blocks(*pre.shape):
+                blk = pre[rows]
+                blk.mul_(self.scaling).add_(self.downcast.decode(self.phi0[rows]))
+                round_clamp_dequantize_(blk, self.scale[rows], None if zp is None else zp[rows], self.spec,
+                                        None if clipped is None else clipped[rows], dequant)
+
+        if not (compiled and compiled_rebuild.rebuild_(self, pre, clipped, dequant, eager)):
+            eager(pre, clipped)
         return pre, clipped
 
     def rebuilt_weight(self) -> torch.Tensor:
