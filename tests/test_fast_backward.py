@@ -40,13 +40,27 @@ def _grads(layer, x: torch.Tensor, mode: str):
         p.grad = None
     x = x.clone().requires_grad_(True)
     y = layer(x)
+    ran = type(y.grad_fn).__name__
     (y * torch.linspace(-1.0, 2.0, y.shape[-1])).pow(2).sum().backward()
-    return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}, ran
+
+
+FAST_FUNCTIONS = {"_LowRankLinearBackward", "_DenseGradLinearBackward"}
+
+
+def _assert_ran(ran: str, mode: str) -> None:
+    """The path compared is the one asked for (else fast == reference would hold trivially)."""
+    if mode == "fast":
+        assert ran in FAST_FUNCTIONS, ran
+    else:
+        assert ran == "_RecomputedLinearBackward", ran
 
 
 def _assert_same_grads(layer, x):
-    y_ref, gx_ref, ref = _grads(layer, x, "autograd")
-    y, gx, fast = _grads(layer, x, "fast")
+    y_ref, gx_ref, ref, ran_ref = _grads(layer, x, "autograd")
+    y, gx, fast, ran = _grads(layer, x, "fast")
+    _assert_ran(ran_ref, "autograd")
+    _assert_ran(ran, "fast")
     assert torch.equal(y, y_ref)  # the same rebuilt weight, the same matmul
     assert set(fast) == set(ref) and ref
     assert _rel(gx, gx_ref) <= TOL
@@ -95,8 +109,10 @@ def test_lrqat_gradients_bf16_compute():
     """bf16 inputs: both paths round differently (the plain one rounds G to bf16), so a looser bound."""
     layer = _layer("lrqat", spread=1.0, bits=4)
     x = torch.randn(2, 9, IN).to(torch.bfloat16)
-    _, _, ref = _grads(layer, x, "autograd")
-    _, _, fast = _grads(layer, x, "fast")
+    _, _, ref, ran_ref = _grads(layer, x, "autograd")
+    _, _, fast, ran = _grads(layer, x, "fast")
+    _assert_ran(ran_ref, "autograd")
+    _assert_ran(ran, "fast")
     assert all(fast[n].dtype == torch.float32 for n in fast)  # fp32 masters get fp32 gradients
     assert max(_rel(fast[n], ref[n]) for n in ref) < 2e-2
 
@@ -163,8 +179,14 @@ def test_scratch_buffers_give_the_same_bits_and_are_reused(monkeypatch):
 
 def test_cost_model_picks_the_cheaper_form():
     use = fast_backward._use_dense
-    assert not use(False, 1, 1e-4, 1024, 32)  # frozen scale, few clipped: low-rank + gather
-    assert use(False, 1, 0.01, 1024, 32)  # 1% clipped: the gather costs more than G
-    assert not use(True, 1, 0.0, 256, 32)  # nothing clipped: x W^T for ds, no G
-    assert use(True, 1, 0.0023, 1024, 32)  # SmolLM2's W4 fraction with a trained scale: G gives ds too
-    assert use(True, 4, 0.0, 1024, 32)  # per-group trained scales need G
+    big, small = (4096, 4096), (576, 576)
+    assert not use(False, 1, 1e-4, 1024, 32, *big)  # frozen scale, few clipped: low-rank + gather
+    assert use(False, 1, 0.01, 1024, 32, *big)  # 1% clipped: the gather costs more than G
+    assert not use(True, 1, 0.0, 256, 32, *big)  # nothing clipped: x W^T for ds, no G
+    assert use(True, 1, 0.0023, 1024, 32, *big)  # SmolLM2's W4 fraction with a trained scale: G gives ds too
+    assert use(True, 4, 0.0, 1024, 32, *big)  # per-group trained scales need G
+    # small layers: the four skinny T-long products (0.22 of a matmul at 576x576) cost more than
+    # the dense form's 2r/T (0.06 at 1,024 tokens), even with nothing clipped (SmolLM2 at 4x256)
+    assert use(True, 1, 0.0, 1024, 32, *small)
+    assert use(True, 1, 0.0, 1024, 32, 192, 576)
+    assert not use(True, 1, 0.0, 1024, 32, 11008, 4096)
