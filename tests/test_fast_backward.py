@@ -190,3 +190,78 @@ def test_cost_model_picks_the_cheaper_form():
     assert use(True, 1, 0.0, 1024, 32, *small)
     assert use(True, 1, 0.0, 1024, 32, 192, 576)
     assert not use(True, 1, 0.0, 1024, 32, 11008, 4096)
+
+
+class _Stack(nn.Module):
+    """Three stacked LR-QAT layers, optionally each under activation checkpointing."""
+
+    def __init__(self, checkpoint: str | None):
+        super().__init__()
+        torch.manual_seed(0)
+        dims = [(IN, IN), (IN, IN), (IN, OUT)]
+        self.layers = nn.ModuleList()
+        for k, (i, o) in enumerate(dims):
+            lin = nn.Linear(i, o, bias=True)
+            layer = METHODS["lrqat"].from_linear(lin, QATConfig(method="lrqat", rank=RANK, bits=4), f"l{k}")
+            with torch.no_grad():  # some codes clip (the mask buffer is used too)
+                layer.lora_B.normal_(0.0, 1.0 / (layer.scaling * layer.lora_A.std().item() * RANK**0.5))
+            self.layers.append(layer)
+        self.checkpoint = checkpoint
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            if self.checkpoint is None:
+                x = torch.tanh(layer(x))
+            else:
+                x = checkpoint(lambda t, m=layer: torch.tanh(m(t)), x, use_reentrant=self.checkpoint == "reentrant")
+        return x
+
+    def grads(self, x, mode):
+        for layer in self.layers:
+            layer.backward = mode
+        self.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        (self(x) * torch.linspace(-1.0, 2.0, OUT)).pow(2).sum().backward()
+        return x.grad, {n: p.grad.clone() for n, p in self.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpoint", [None, "reentrant", "non-reentrant"])
+def test_stacked_layers_share_scratch_and_match_autograd(checkpoint, monkeypatch):
+    """Every layer's rebuild goes through the same reused buffers (forced on for tiny tensors):
+    no layer may read a weight or mask another layer (or a checkpoint recompute) overwrote."""
+    monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
+    stack = _Stack(checkpoint)
+    assert all(_clipped_fraction(layer) > 0 for layer in stack.layers)
+    x = torch.randn(2, 5, IN)
+    gx_ref, ref = stack.grads(x, "autograd")
+    assert not fast_backward.SCRATCH.buffers  # the plain path never touches them
+    calls = []
+    orig = fast_backward._LowRankLinear.backward
+    monkeypatch.setattr(fast_backward._LowRankLinear, "backward",
+                        staticmethod(lambda ctx, g: calls.append(1) or orig(ctx, g)))
+    gx, fast = stack.grads(x, "fast")
+    assert len(calls) == 3  # the fast backward ran for every layer
+    assert {k for k, _ in fast_backward.SCRATCH.buffers} == {"weight", "clipped"}
+    assert _rel(gx, gx_ref) <= TOL
+    errs = {n: _rel(fast[n], ref[n]) for n in ref}
+    assert max(errs.values()) <= TOL, errs
+
+
+def test_release_scratch_frees_the_buffers_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
+    layer = _layer("lrqat", spread=1.0, bits=4)
+    _grads(layer, torch.randn(2, 7, IN), "fast")
+    assert fast_backward.SCRATCH.buffers
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(dict(fast_backward.SCRATCH.buffers)))
+    t.start()
+    t.join()
+    assert seen == [{}]  # another thread has its own (empty) buffers
+    fast_backward.release_scratch()
+    assert not fast_backward.SCRATCH.buffers

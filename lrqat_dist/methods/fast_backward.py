@@ -27,6 +27,7 @@ dense form gets dL/ds from G for free. PEQA and full QAT need ``G`` anyway
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,25 @@ class _Scratch:
     buffer per role, grown to the largest layer, is used only inside one layer's forward or backward
     (layers run one at a time). Only buffers of at least :data:`SCRATCH_MIN_BYTES` are kept (smaller
     ones glibc recycles itself); such a buffer stays allocated between steps, e.g. at the loss (CPU
-    only; the planner models CUDA, whose caching allocator already reuses blocks)."""
+    only; the planner models CUDA, whose caching allocator already reuses blocks), until
+    :func:`release_scratch`.
+
+    The buffers are per process and per thread (``threading.local``): two threads training two
+    models each get their own, so they never overwrite each other's weight mid-layer; a thread's
+    buffers are freed when it exits or calls :func:`release_scratch`."""
 
     def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self._local = threading.local()
+
+    @property
+    def buffers(self) -> dict[tuple, torch.Tensor]:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        return buffers
+
+    def release(self) -> None:
+        self._local.buffers = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         if device.type != "cpu":
@@ -66,15 +82,21 @@ class _Scratch:
             n *= d
         if n * torch.empty((), dtype=dtype).element_size() < SCRATCH_MIN_BYTES:
             return None
-        key = (role, dtype)
-        buf = self.buffers.get(key)
+        key, buffers = (role, dtype), self.buffers
+        buf = buffers.get(key)
         if buf is None or buf.numel() < n:
-            self.buffers[key] = buf = None  # drop the old one before allocating the larger one
-            buf = self.buffers[key] = torch.empty(n, dtype=dtype)
+            buffers[key] = buf = None  # drop the old one before allocating the larger one
+            buf = buffers[key] = torch.empty(n, dtype=dtype)
         return buf[:n].view(shape)
 
 
 SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the calling thread's reused rebuild buffers (e.g. after training, before evaluation or
+    export in the same process); the next fast forward/backward allocates them again."""
+    SCRATCH.release()
 
 
 def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
