@@ -230,7 +230,9 @@ def _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s):
     da = torch.zeros_like(a) if need_a else None
     db = torch.empty_like(b) if need_b else None
     ds = torch.empty_like(s) if need_s else None
-    for rows in _g_row_chunks(out_f, in_f):
+    # G blocks of at most a quarter of the layer (small layers too): the planner's LR-QAT backward
+    # temporaries (memory/planner.py) count W_hat + mask + one such block
+    for rows in _g_row_chunks(out_f, in_f, min(G_CHUNK_ELEMS, max(in_f, w.numel() // 4))):
         gblk = _gram_block(g2, x2, rows)
         if need_s:
             ds[rows] = _sum_g_times_codes(gblk, w[rows], s[rows])
