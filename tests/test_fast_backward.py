@@ -40,13 +40,27 @@ def _grads(layer, x: torch.Tensor, mode: str):
         p.grad = None
     x = x.clone().requires_grad_(True)
     y = layer(x)
+    ran = type(y.grad_fn).__name__
     (y * torch.linspace(-1.0, 2.0, y.shape[-1])).pow(2).sum().backward()
-    return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}, ran
+
+
+FAST_FUNCTIONS = {"_LowRankLinearBackward", "_DenseGradLinearBackward"}
+
+
+def _assert_ran(ran: str, mode: str) -> None:
+    """The path compared is the one asked for (else fast == reference would hold trivially)."""
+    if mode == "fast":
+        assert ran in FAST_FUNCTIONS, ran
+    else:
+        assert ran == "_RecomputedLinearBackward", ran
 
 
 def _assert_same_grads(layer, x):
-    y_ref, gx_ref, ref = _grads(layer, x, "autograd")
-    y, gx, fast = _grads(layer, x, "fast")
+    y_ref, gx_ref, ref, ran_ref = _grads(layer, x, "autograd")
+    y, gx, fast, ran = _grads(layer, x, "fast")
+    _assert_ran(ran_ref, "autograd")
+    _assert_ran(ran, "fast")
     assert torch.equal(y, y_ref)  # the same rebuilt weight, the same matmul
     assert set(fast) == set(ref) and ref
     assert _rel(gx, gx_ref) <= TOL
@@ -95,8 +109,10 @@ def test_lrqat_gradients_bf16_compute():
     """bf16 inputs: both paths round differently (the plain one rounds G to bf16), so a looser bound."""
     layer = _layer("lrqat", spread=1.0, bits=4)
     x = torch.randn(2, 9, IN).to(torch.bfloat16)
-    _, _, ref = _grads(layer, x, "autograd")
-    _, _, fast = _grads(layer, x, "fast")
+    _, _, ref, ran_ref = _grads(layer, x, "autograd")
+    _, _, fast, ran = _grads(layer, x, "fast")
+    _assert_ran(ran_ref, "autograd")
+    _assert_ran(ran, "fast")
     assert all(fast[n].dtype == torch.float32 for n in fast)  # fp32 masters get fp32 gradients
     assert max(_rel(fast[n], ref[n]) for n in ref) < 2e-2
 
@@ -163,11 +179,52 @@ def test_scratch_buffers_give_the_same_bits_and_are_reused(monkeypatch):
 
 def test_cost_model_picks_the_cheaper_form():
     use = fast_backward._use_dense
-    assert not use(False, 1, 1e-4, 1024, 32)  # frozen scale, few clipped: low-rank + gather
-    assert use(False, 1, 0.01, 1024, 32)  # 1% clipped: the gather costs more than G
-    assert not use(True, 1, 0.0, 256, 32)  # nothing clipped: x W^T for ds, no G
-    assert use(True, 1, 0.0023, 1024, 32)  # SmolLM2's W4 fraction with a trained scale: G gives ds too
-    assert use(True, 4, 0.0, 1024, 32)  # per-group trained scales need G
+    big, small = (4096, 4096), (576, 576)
+    assert not use(False, 1, 1e-4, 1024, 32, *big)  # frozen scale, few clipped: low-rank + gather
+    assert use(False, 1, 0.01, 1024, 32, *big)  # 1% clipped: the gather costs more than G
+    assert not use(True, 1, 0.0, 256, 32, *big)  # nothing clipped: x W^T for ds, no G
+    assert use(True, 1, 0.0023, 1024, 32, *big)  # SmolLM2's W4 fraction with a trained scale: G gives ds too
+    assert use(True, 4, 0.0, 1024, 32, *big)  # per-group trained scales need G
+    # small layers: the four skinny T-long products (0.22 of a matmul at 576x576) cost more than
+    # the dense form's 2r/T (0.06 at 1,024 tokens), even with nothing clipped (SmolLM2 at 4x256)
+    assert use(True, 1, 0.0, 1024, 32, *small)
+    assert use(True, 1, 0.0, 1024, 32, 192, 576)
+    assert not use(True, 1, 0.0, 1024, 32, 11008, 4096)
+
+
+class _Stack(nn.Module):
+    """Three stacked LR-QAT layers, optionally each under activation checkpointing."""
+
+    def __init__(self, checkpoint: str | None):
+        super().__init__()
+        torch.manual_seed(0)
+        dims = [(IN, IN), (IN, IN), (IN, OUT)]
+        self.layers = nn.ModuleList()
+        for k, (i, o) in enumerate(dims):
+            lin = nn.Linear(i, o, bias=True)
+            layer = METHODS["lrqat"].from_linear(lin, QATConfig(method="lrqat", rank=RANK, bits=4), f"l{k}")
+            with torch.no_grad():  # some codes clip (the mask buffer is used too)
+                layer.lora_B.normal_(0.0, 1.0 / (layer.scaling * layer.lora_A.std().item() * RANK**0.5))
+            self.layers.append(layer)
+        self.checkpoint = checkpoint
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            if self.checkpoint is None:
+                x = torch.tanh(layer(x))
+            else:
+                x = checkpoint(lambda t, m=layer: torch.tanh(m(t)), x, use_reentrant=self.checkpoint == "reentrant")
+        return x
+
+    def grads(self, x, mode):
+        for layer in self.layers:
+            layer.backward = mode
+        self.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        (self(x) * torch.linspace(-1.0, 2.0, OUT)).pow(2).sum().backward()
+        return x.grad, {n: p.grad.clone() for n, p in self.named_parameters()}
 
 
 @pytest.mark.parametrize("kw", [dict(downcast="q4.4"), dict(downcast="int-packed", symmetric=False, group_size=GROUP)])
@@ -225,3 +282,43 @@ def test_compile_rebuild_config_is_validated():
         QATConfig(backward="autograd", compile_rebuild=True)
     with pytest.raises(ValueError, match="compile_rebuild"):
         QATConfig(compile_rebuild="yes")
+
+
+@pytest.mark.parametrize("checkpoint", [None, "reentrant", "non-reentrant"])
+def test_stacked_layers_share_scratch_and_match_autograd(checkpoint, monkeypatch):
+    """Every layer's rebuild goes through the same reused buffers (forced on for tiny tensors):
+    no layer may read a weight or mask another layer (or a checkpoint recompute) overwrote."""
+    monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
+    stack = _Stack(checkpoint)
+    assert all(_clipped_fraction(layer) > 0 for layer in stack.layers)
+    x = torch.randn(2, 5, IN)
+    gx_ref, ref = stack.grads(x, "autograd")
+    assert not fast_backward.SCRATCH.buffers  # the plain path never touches them
+    calls = []
+    orig = fast_backward._LowRankLinear.backward
+    monkeypatch.setattr(fast_backward._LowRankLinear, "backward",
+                        staticmethod(lambda ctx, g: calls.append(1) or orig(ctx, g)))
+    gx, fast = stack.grads(x, "fast")
+    assert len(calls) == 3  # the fast backward ran for every layer
+    assert {k for k, _ in fast_backward.SCRATCH.buffers} == {"weight", "clipped"}
+    assert _rel(gx, gx_ref) <= TOL
+    errs = {n: _rel(fast[n], ref[n]) for n in ref}
+    assert max(errs.values()) <= TOL, errs
+
+
+def test_release_scratch_frees_the_buffers_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
+    layer = _layer("lrqat", spread=1.0, bits=4)
+    _grads(layer, torch.randn(2, 7, IN), "fast")
+    assert fast_backward.SCRATCH.buffers
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(dict(fast_backward.SCRATCH.buffers)))
+    t.start()
+    t.join()
+    assert seen == [{}]  # another thread has its own (empty) buffers
+    fast_backward.release_scratch()
+    assert not fast_backward.SCRATCH.buffers

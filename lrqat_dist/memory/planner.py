@@ -72,9 +72,11 @@ DTYPE_BYTES = {name: t.itemsize for name, t in DTYPES.items()}  # both spellings
 # [out, in] fp32 temporaries of one layer's weight rebuild, in units of 4*out*in bytes (measured:
 # tools/bench_memory.py --temporaries; forward, backward). The backward count includes the forward's.
 # With the fused rebuild and the exact backward (methods/fast_backward.py; issue 14) LR-QAT holds W_hat
-# plus its clipped mask (1 byte), PEQA W_hat and its codes, full QAT chunk-sized pieces of G only.
+# plus its clipped mask (1 byte) and, in the dense form of its gradient (chosen by a cost model: small
+# layers, trained scales with clipping), one G block of at most a quarter of the layer; PEQA W_hat and
+# its codes, full QAT chunk-sized pieces of G only.
 # The plain autograd path (QATConfig.backward: autograd) held (4, 6), (2, 4) and (3, 6).
-TEMPORARIES = {"lrqat": (1.0, 1.25), "peqa": (2.0, 2.0), "full_qat": (3.0, 2.0), LORA: (0.0, 0.0), "rtn": (2.0, 0.0)}
+TEMPORARIES = {"lrqat": (1.0, 1.5), "peqa": (2.0, 2.0), "full_qat": (3.0, 2.0), LORA: (0.0, 0.0), "rtn": (2.0, 0.0)}
 # The methods planned: the registry's (lrqat_dist.methods.METHODS) that have a cost model here, and the
 # plain-LoRA reference. Registry methods without one (DL-QAT, LoQT) are refused by name, not as unknown.
 METHODS = (*(m for m in QAT_METHODS if m in TEMPORARIES), LORA)

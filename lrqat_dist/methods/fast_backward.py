@@ -27,6 +27,7 @@ dense form gets dL/ds from G for free. PEQA and full QAT need ``G`` anyway
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,25 @@ class _Scratch:
     buffer per role, grown to the largest layer, is used only inside one layer's forward or backward
     (layers run one at a time). Only buffers of at least :data:`SCRATCH_MIN_BYTES` are kept (smaller
     ones glibc recycles itself); such a buffer stays allocated between steps, e.g. at the loss (CPU
-    only; the planner models CUDA, whose caching allocator already reuses blocks)."""
+    only; the planner models CUDA, whose caching allocator already reuses blocks), until
+    :func:`release_scratch`.
+
+    The buffers are per process and per thread (``threading.local``): two threads training two
+    models each get their own, so they never overwrite each other's weight mid-layer; a thread's
+    buffers are freed when it exits or calls :func:`release_scratch`."""
 
     def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self._local = threading.local()
+
+    @property
+    def buffers(self) -> dict[tuple, torch.Tensor]:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        return buffers
+
+    def release(self) -> None:
+        self._local.buffers = {}
 
     def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         if device.type != "cpu":
@@ -66,15 +82,21 @@ class _Scratch:
             n *= d
         if n * torch.empty((), dtype=dtype).element_size() < SCRATCH_MIN_BYTES:
             return None
-        key = (role, dtype)
-        buf = self.buffers.get(key)
+        key, buffers = (role, dtype), self.buffers
+        buf = buffers.get(key)
         if buf is None or buf.numel() < n:
-            self.buffers[key] = buf = None  # drop the old one before allocating the larger one
-            buf = self.buffers[key] = torch.empty(n, dtype=dtype)
+            buffers[key] = buf = None  # drop the old one before allocating the larger one
+            buf = buffers[key] = torch.empty(n, dtype=dtype)
         return buf[:n].view(shape)
 
 
 SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the calling thread's reused rebuild buffers (e.g. after training, before evaluation or
+    export in the same process); the next fast forward/backward allocates them again."""
+    SCRATCH.release()
 
 
 def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -138,7 +160,7 @@ def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, cl
     out_f, in_f = w.shape
     ng = s.shape[1]
     n_clipped = int(torch.count_nonzero(clipped)) if clipped is not None else 0  # .sum() would widen to int64
-    if _use_dense(need_s, ng, n_clipped / w.numel(), g2.shape[0], a.shape[0]):
+    if _use_dense(need_s, ng, n_clipped / w.numel(), g2.shape[0], a.shape[0], out_f, in_f):
         return _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s)
     gf, xf = g2.float(), x2.float()
     da = db = ds = None
@@ -166,15 +188,20 @@ def lrqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, cl
     return da, db, ds
 
 
-def _use_dense(need_s: bool, n_groups: int, clipped_fraction: float, tokens: int, rank: int) -> bool:
+def _use_dense(need_s: bool, n_groups: int, clipped_fraction: float, tokens: int, rank: int,
+               out_features: int, in_features: int) -> bool:
     """Cost model in units of one ``T x out x in`` matmul. Dense: G itself (which also gives dL/ds)
-    plus two ``[out, in] x [in, r]`` products (``2r/T``). Low-rank: the gathered correction, plus the
-    recomputed ``x W^T`` when the scale trains (per channel; per group it needs G anyway)."""
+    plus two ``[out, in] x [in, r]`` products (``2r/T``). Low-rank: four skinny ``T``-long products
+    (``x A^T``, ``g^T (x A^T)``, ``g B``, ``(g B)^T x``: ``2r (1/out + 1/in)``), the gathered
+    correction, plus the recomputed ``x W^T`` when the scale trains (per channel; per group it needs
+    G anyway). The skinny term decides at small layers: at SmolLM2's 576x576 and 1,024 tokens it is
+    0.22 of a matmul against the dense form's 0.06, and the low-rank form measured slower there."""
     if DENSE_CLIPPED_FRACTION is not None:
         return (need_s and n_groups > 1) or clipped_fraction > DENSE_CLIPPED_FRACTION
     if need_s and n_groups > 1:
         return True
-    low_rank = (1.0 if need_s else 0.0) + GATHER_COST * clipped_fraction
+    skinny = 2.0 * rank * (1.0 / max(1, out_features) + 1.0 / max(1, in_features))
+    low_rank = (1.0 if need_s else 0.0) + skinny + GATHER_COST * clipped_fraction
     return low_rank > 1.0 + 2.0 * rank / max(1, tokens)
 
 
@@ -203,7 +230,9 @@ def _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s):
     da = torch.zeros_like(a) if need_a else None
     db = torch.empty_like(b) if need_b else None
     ds = torch.empty_like(s) if need_s else None
-    for rows in _g_row_chunks(out_f, in_f):
+    # G blocks of at most a quarter of the layer (small layers too): the planner's LR-QAT backward
+    # temporaries (memory/planner.py) count W_hat + mask + one such block
+    for rows in _g_row_chunks(out_f, in_f, min(G_CHUNK_ELEMS, max(in_f, w.numel() // 4))):
         gblk = _gram_block(g2, x2, rows)
         if need_s:
             ds[rows] = _sum_g_times_codes(gblk, w[rows], s[rows])
