@@ -239,8 +239,10 @@ def test_compiled_rebuild_is_bit_identical_and_gives_the_same_gradients(kw):
     comp = _layer("lrqat", spread=1.5, compile_rebuild=True, **kw)
     assert comp.compile_rebuild and _clipped_fraction(eager) > 0
     x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(3))
-    y_ref, gx_ref, ref = _grads(eager, x, "fast")
-    y, gx, got = _grads(comp, x, "fast")
+    y_ref, gx_ref, ref, ran_ref = _grads(eager, x, "fast")
+    y, gx, got, ran = _grads(comp, x, "fast")
+    _assert_ran(ran_ref, "fast")
+    _assert_ran(ran, "fast")
     assert compiled_rebuild.enabled(), "the compiled rebuild fell back to eager (see the warning)"
     assert any(s[-4] == (OUT, IN) for s in compiled_rebuild._VERIFIED)  # it ran, on this shape
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
