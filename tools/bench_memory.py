@@ -26,8 +26,8 @@ is ``lrqat_dist.memory.benchmark``; this file is its command line and table.
 
 Methods: ``lora`` (reference: rank-32 adapters beside the frozen weight, ``lrqat_dist.methods.lora_reference``),
 ``lrqat-<downcast>`` (fixed, bf16, fp16, fp32, int, int-packed), ``peqa``, ``full_qat``; suffix
-``+ckpt`` for decoder-layer activation checkpointing, ``+compile`` (experiment, LR-QAT fixed only) for
-a torch.compile-fused weight rebuild. Token ids are random (cost does not depend on them).
+``+ckpt`` for decoder-layer activation checkpointing, ``+compile`` (LR-QAT) for the library's
+torch.compile-fused rebuild (``quant.compile_rebuild``), ``+autograd`` for the plain reference backward. Token ids are random (cost does not depend on them).
 """
 from __future__ import annotations
 

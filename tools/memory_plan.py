@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lrqat_dist.memory.planner import (METHODS, GiB, PRESETS, ModelShape, PlanConfig, max_micro_batch,
                                        plan)
+from lrqat_dist.methods.config import BACKWARDS
 
 
 def load_shape(spec: str) -> ModelShape:
@@ -46,7 +47,7 @@ def recipe_defaults(path: str) -> tuple[dict, str | None, dict | None]:
     fields = {
         "method": q.get("method", "lrqat"), "downcast": q.get("downcast", "fixed"), "rank": q.get("rank", 32),
         "bits": q.get("bits", 4), "group_size": q.get("group_size"), "symmetric": q.get("symmetric", True),
-        "train_scale": q.get("train_scale", True), "seq_len": data.get("seq_len", 1024),
+        "train_scale": q.get("train_scale", True), "backward": q.get("backward", "fast"), "seq_len": data.get("seq_len", 1024),
         "micro_batch": t.get("micro_batch_size", 1),
         "dtype": {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype),
         "engine": d.get("engine", "none"), "zero_stage": d.get("zero_stage", 2),
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=None)
     ap.add_argument("--group-size", type=int, default=None, help="0 = per channel")
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--backward", default=None, choices=list(BACKWARDS),
+                    help="quant.backward: fast (default) or the plain autograd path (more rebuild temporaries)")
     ap.add_argument("--micro-batch", default=None, help="sequences per device per micro-step (comma list)")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="compute dtype of the frozen model")
     ap.add_argument("--engine", default=None, choices=["none", "deepspeed", "fsdp2"])
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
 
     for key, value in (("rank", args.rank), ("bits", args.bits), ("seq_len", args.seq_len), ("dtype", args.dtype),
                        ("engine", args.engine), ("zero_stage", args.zero_stage), ("world_size", args.world_size),
-                       ("offload_optimizer", args.offload_optimizer)):
+                       ("offload_optimizer", args.offload_optimizer), ("backward", args.backward)):
         if value is not None:
             fields[key] = value
     if args.group_size is not None:

@@ -17,8 +17,9 @@ and the step time in wall and process-CPU seconds (compare methods as ratios wit
 
 Method names: ``lora`` (the plain-LoRA reference, :mod:`lrqat_dist.methods.lora_reference`),
 ``lrqat-<downcast>`` (fixed, bf16, fp16, fp32, int, int-packed), ``peqa``, ``full_qat``, ``rtn``; suffix
-``+ckpt`` for decoder-layer activation checkpointing, ``+compile`` (experiment, LR-QAT fixed only) for a
-torch.compile-fused weight rebuild. Token ids are random (cost does not depend on them).
+``+ckpt`` for decoder-layer activation checkpointing, ``+compile`` (LR-QAT only) for the library's
+torch.compile-fused weight rebuild (``QATConfig.compile_rebuild``), ``+autograd`` for the plain reference
+backward (``QATConfig.backward: autograd``). Token ids are random (cost does not depend on them).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ CASES: dict[str, dict[str, Any]] = {
     # the test suite's case: a vocabulary small enough that the loss is not the peak (seconds per method)
     "test": dict(model={"hidden": 512, "intermediate": 2048, "layers": 2, "heads": 8, "kv_heads": 2,
                         "vocab": 512, "name": "test-2l"}, batch=2, seq=256, dtype="fp32",
-                 methods=["lrqat-fixed"]),
+                 methods=["lrqat-fixed", "lrqat-fixed+autograd"]),
     "small": dict(model={"hidden": 512, "intermediate": 1376, "layers": 2, "heads": 8, "kv_heads": 2,
                          "vocab": 8192, "name": "small-2l"}, batch=4, seq=256, dtype="fp32",
                   methods=["lrqat-fixed", "full_qat"]),
@@ -81,12 +82,14 @@ def shape_of(model_spec: str | dict) -> ModelShape:
 
 
 def parse_method(name: str) -> dict:
-    """``lrqat-fixed+ckpt`` -> ``{"name", "method", "downcast", "ckpt", "compile"}``."""
+    """``lrqat-fixed+ckpt`` -> ``{"name", "method", "downcast", "ckpt", "compile", "backward"}``
+    (``+autograd``: the plain reference backward, ``QATConfig.backward: autograd``)."""
     base, *flags = name.split("+")
-    unknown = set(flags) - {"ckpt", "compile"}
+    unknown = set(flags) - {"ckpt", "compile", "autograd"}
     if unknown:
-        raise ValueError(f"method {name!r}: unknown suffix {sorted(unknown)} (known: +ckpt, +compile)")
-    out = {"name": name, "ckpt": "ckpt" in flags, "compile": "compile" in flags}
+        raise ValueError(f"method {name!r}: unknown suffix {sorted(unknown)} (known: +ckpt, +compile, +autograd)")
+    out = {"name": name, "ckpt": "ckpt" in flags, "compile": "compile" in flags,
+           "backward": "autograd" if "autograd" in flags else "fast"}
     if base.startswith("lrqat-"):
         out.update(method="lrqat", downcast=base[len("lrqat-"):])
     elif base in (LORA, "peqa", "full_qat", "rtn"):
@@ -112,7 +115,7 @@ def build(spec: dict):
         return build_prepared_model(QATConfig(), **source, dtype=dtype, lean=False,
                                     prepare_fn=lambda model: apply_lora(model, rank))
     quant = QATConfig(method=m["method"], downcast=m["downcast"], rank=rank, bits=spec.get("bits", 4),
-                      range_init="minmax")
+                      range_init="minmax", backward=m["backward"], compile_rebuild=m["compile"])
     return build_prepared_model(quant, **source, dtype=dtype, lean=False)
 
 
@@ -125,50 +128,6 @@ def tensor_bytes(model) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
-
-
-_COMPILED = None
-
-
-def compile_rebuild(model) -> int:
-    """Experiment (not a library feature): replace each LR-QAT layer's ``weight_hat`` by one
-    ``torch.compile``-d function of its tensors, so the elementwise chain (decode, + B@A, round,
-    clamp, * s) runs fused. Fixed-point Phi0 only; checked bit-equal to the eager weight. Such layers
-    use the plain autograd backward (QATConfig.backward), the only path that calls ``weight_hat``."""
-    import torch
-
-    from ..methods import LRQATLinear
-    from ..quant.affine import round_ste
-    from ..quant.downcast import FixedPointDowncast
-
-    global _COMPILED
-    if _COMPILED is None:
-        def rebuild(phi0, lora_a, lora_b, scale, scaling: float, frac: int, shift: int, qmin: int, qmax: int):
-            phi = phi0.float() / 2.0**frac + shift
-            q = torch.clamp(round_ste(phi + scaling * (lora_b @ lora_a)), qmin, qmax)
-            out, inp = q.shape
-            return (q.reshape(out, scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(out, inp)
-
-        _COMPILED = torch.compile(rebuild, dynamic=False)
-    n = 0
-    for layer in model.modules():
-        if isinstance(layer, LRQATLinear):
-            dc = layer.downcast
-            if not isinstance(dc, FixedPointDowncast) or layer.zero_point is not None:
-                raise ValueError("+compile: fixed-point, symmetric LR-QAT only")
-            eager = layer.weight_hat()
-
-            def fused(layer=layer, dc=dc):
-                return _COMPILED(layer.phi0, layer.lora_A, layer.lora_B, layer.scale, layer.scaling,
-                                 dc.frac_bits, dc.shift, layer.spec.qmin, layer.spec.qmax)
-
-            layer.weight_hat = fused
-            layer.backward = "autograd"  # the fast path rebuilds through fused_rebuild, not weight_hat
-            with torch.no_grad():
-                if not torch.equal(fused(), eager):
-                    raise AssertionError("compiled rebuild differs from the eager weight")
-            n += 1
-    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +156,6 @@ def worker_train(spec: dict) -> dict:
     m = parse_method(spec["method"])
     if m["ckpt"]:
         enable_activation_checkpointing(model)
-    if m["compile"]:
-        compile_rebuild(model)
     train = TrainConfig(output_dir="/tmp/bench_memory_unused", max_steps=1000, grad_clip=1.0)
     quant = getattr(model, "qat_config", None) or QATConfig()  # the LoRA reference has none: plain schedule
     engine = SingleEngine(model, EngineConfig(train, lr_windows=group_windows(quant)),
@@ -314,7 +271,7 @@ def predict(shape: ModelShape, spec: dict) -> Plan:
     m = parse_method(spec["method"])
     cfg = PlanConfig(method=m["method"], downcast=m["downcast"], rank=spec.get("rank", 32), bits=spec.get("bits", 4),
                      seq_len=spec["seq"], micro_batch=spec["batch"], dtype=spec["dtype"],
-                     activation_checkpointing=m["ckpt"])
+                     activation_checkpointing=m["ckpt"], backward=m["backward"])
     return plan(shape, cfg)
 
 

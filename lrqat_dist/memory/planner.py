@@ -33,8 +33,9 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
   that is 393 MB per sequence; SmolLM2 (V = 49152) at 4 x 256 tokens, 604 MB.
 * **temporaries**: rebuilding one layer's weight makes ``[out, in]`` fp32 temporaries; measured (RSS
   high-water mark, one 11008 x 4096 layer) in units of ``4*out*in`` bytes of the largest linear:
-  LR-QAT forward 1, backward 1.25 (W_hat + its clipped mask; fused rebuild and exact backward,
-  issue 14); PEQA 2 / 2; full QAT 3 / 2; LoRA 0 / 0 (the plain autograd path held 4 / 6, 2 / 4, 3 / 6);
+  LR-QAT forward 1, backward 1.5 (W_hat + its clipped mask + one G block; fused rebuild and exact
+  backward, issue 14); PEQA 2 / 2; full QAT 3 / 2; LoRA 0 / 0; with ``backward: autograd`` (the plain
+  reference path, ``PlanConfig.backward``) 4 / 6, 2 / 4, 3 / 6;
   +0.5 in backward when the compute dtype is 16-bit (the weight cast). Plus the activation
   gradients flowing through one layer in backward (``e*N*(2*i + 2*h)``).
 * **engine**: ZeRO 1-3 and FSDP2 shard the optimizer state; ZeRO 2-3 and FSDP2 the gradients;
@@ -62,7 +63,7 @@ from typing import Any
 from ..dtypes import DTYPES
 from ..engines.config import ENGINES
 from ..methods import METHODS as QAT_METHODS
-from ..methods.config import DEFAULT_TARGETS
+from ..methods.config import BACKWARDS, DEFAULT_TARGETS
 from ..methods.lora_reference import NAME as LORA
 
 GiB = 2**30
@@ -75,8 +76,10 @@ DTYPE_BYTES = {name: t.itemsize for name, t in DTYPES.items()}  # both spellings
 # plus its clipped mask (1 byte) and, in the dense form of its gradient (chosen by a cost model: small
 # layers, trained scales with clipping), one G block of at most a quarter of the layer; PEQA W_hat and
 # its codes, full QAT chunk-sized pieces of G only.
-# The plain autograd path (QATConfig.backward: autograd) held (4, 6), (2, 4) and (3, 6).
 TEMPORARIES = {"lrqat": (1.0, 1.5), "peqa": (2.0, 2.0), "full_qat": (3.0, 2.0), LORA: (0.0, 0.0), "rtn": (2.0, 0.0)}
+# The plain autograd path (QATConfig.backward: autograd; measured before issue 14 with the same tool):
+# the graph through the weight keeps the rebuild's intermediates until backward.
+TEMPORARIES_AUTOGRAD = {**TEMPORARIES, "lrqat": (4.0, 6.0), "peqa": (2.0, 4.0), "full_qat": (3.0, 6.0)}
 # The methods planned: the registry's (lrqat_dist.methods.METHODS) that have a cost model here, and the
 # plain-LoRA reference. Registry methods without one (DL-QAT, LoQT) are refused by name, not as unknown.
 METHODS = (*(m for m in QAT_METHODS if m in TEMPORARIES), LORA)
@@ -212,6 +215,7 @@ class PlanConfig:
     offload_optimizer: bool = False
     reduce_bucket: int = DS_REDUCE_BUCKET  # DeepSpeed reduce_bucket_size (elements)
     overlap_comm: bool | None = None  # DeepSpeed default: on for ZeRO-3 only
+    backward: str = "fast"  # QATConfig.backward: the weight rebuild's temporaries differ (TEMPORARIES*)
 
     def __post_init__(self):
         if self.method in QAT_METHODS and self.method not in METHODS:
@@ -219,6 +223,8 @@ class PlanConfig:
                              f"planned: {', '.join(METHODS)}")
         if self.method not in METHODS:
             raise ValueError(f"method: unknown {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward: unknown {self.backward!r}; expected one of {', '.join(BACKWARDS)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine: unknown {self.engine!r}; expected one of {', '.join(ENGINES)}")
         if self.dtype not in DTYPE_BYTES:
@@ -454,7 +460,7 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
 
     # temporaries of the weight rebuild (largest linear) and the activation gradients of one layer
     big = max(o * i for _, o, i in shape.linears())
-    t_fwd, t_bwd = TEMPORARIES[cfg.method]
+    t_fwd, t_bwd = (TEMPORARIES if cfg.backward == "fast" else TEMPORARIES_AUTOGRAD)[cfg.method]
     if e == 2 and cfg.method not in (LORA, "rtn"):
         t_bwd += 0.5
     # activation gradients alive while the largest linear's weight is rebuilt in backward: the
