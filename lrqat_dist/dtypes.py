@@ -12,6 +12,8 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32,
                                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                                   "float16": torch.float16, "fp16": torch.float16}
+# the long spellings, as command lines offer them (--dtype choices)
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # safetensors' dtype codes (the file header's spelling), for reading tensors one at a time
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64, "I64": torch.int64,

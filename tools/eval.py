@@ -27,6 +27,8 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from lrqat_dist.dtypes import DTYPE_NAMES  # the one dtype table
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -36,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: newest)")
     g.add_argument("--trainable", default=None, help="consolidated trainable tensors for a run (tools/consolidate.py)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="compute dtype (default: %(default)s; bf16 is very slow on most CPUs)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     g = p.add_argument_group("perplexity")

@@ -45,6 +45,8 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from lrqat_dist.dtypes import DTYPE_NAMES  # the one dtype table
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: newest)")
     p.add_argument("--trainable", default=None,
                    help="consolidated trainable tensors (tools/consolidate.py output) instead of the checkpoint's")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="dtype of the dense tensors and (compressed-tensors) scales (default: %(default)s)")
     p.add_argument("--round-scales", action="store_true",
                    help="round the trained scales to --dtype first (changes the model by < 1/2 ulp per scale, "
