@@ -33,8 +33,9 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
   that is 393 MB per sequence; SmolLM2 (V = 49152) at 4 x 256 tokens, 604 MB.
 * **temporaries**: rebuilding one layer's weight makes ``[out, in]`` fp32 temporaries; measured (RSS
   high-water mark, one 11008 x 4096 layer) in units of ``4*out*in`` bytes of the largest linear:
-  LR-QAT forward 1, backward 1.5 (W_hat + its clipped mask + one G block; fused rebuild and exact
-  backward, issue 14); PEQA 2 / 2; full QAT 3 / 2; LoRA 0 / 0; with ``backward: autograd`` (the plain
+  LR-QAT forward 1, backward 1.5 (W_hat + its clipped mask + one G block of at most a quarter of the
+  layer; 2.5 when the largest linear has at most 2^20 weights, whose G is formed whole; fused
+  rebuild and exact backward, issue 14); PEQA 2 / 2; full QAT 3 / 2; LoRA 0 / 0; with ``backward: autograd`` (the plain
   reference path, ``PlanConfig.backward``) 4 / 6, 2 / 4, 3 / 6;
   +0.5 in backward when the compute dtype is 16-bit (the weight cast). Plus the activation
   gradients flowing through one layer in backward (``e*N*(2*i + 2*h)``).
@@ -64,6 +65,7 @@ from ..dtypes import DTYPES
 from ..engines.config import ENGINES
 from ..methods import METHODS as QAT_METHODS
 from ..methods.config import BACKWARDS, DEFAULT_TARGETS
+from ..methods.fast_backward import G_WHOLE_ELEMS
 from ..methods.lora_reference import NAME as LORA
 
 GiB = 2**30
@@ -461,6 +463,8 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     # temporaries of the weight rebuild (largest linear) and the activation gradients of one layer
     big = max(o * i for _, o, i in shape.linears())
     t_fwd, t_bwd = (TEMPORARIES if cfg.backward == "fast" else TEMPORARIES_AUTOGRAD)[cfg.method]
+    if cfg.method == "lrqat" and cfg.backward == "fast" and big <= G_WHOLE_ELEMS:
+        t_bwd += 1.0  # small layers form G whole, not in quarter blocks (methods/fast_backward.py; measured)
     if e == 2 and cfg.method not in (LORA, "rtn"):
         t_bwd += 0.5
     # activation gradients alive while the largest linear's weight is rebuilt in backward: the

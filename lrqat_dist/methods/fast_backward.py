@@ -43,6 +43,10 @@ GATHER_COST = 450.0
 DENSE_CLIPPED_FRACTION = None  # set (tests) to force: low-rank when the fraction is at most this, else dense
 GATHER_CHUNK_ELEMS = 1 << 22  # elements of one [chunk, tokens] gather (16 MiB fp32)
 G_CHUNK_ELEMS = 1 << 22  # elements of one [rows, in] block of G
+# Layers up to this many weights form G whole (one matmul): at SmolLM2's 192x576 and 576x576 the four
+# quarter blocks' extra calls made the fast path slower than autograd (docs/RESULTS.md, "Speed"); the
+# extra memory, about one such layer (4 MiB, measured), is counted by the planner (memory/planner.py).
+G_WHOLE_ELEMS = 1 << 20
 SCRATCH_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: bigger blocks page-fault anew each time
 
 
@@ -230,9 +234,9 @@ def _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s):
     da = torch.zeros_like(a) if need_a else None
     db = torch.empty_like(b) if need_b else None
     ds = torch.empty_like(s) if need_s else None
-    # G blocks of at most a quarter of the layer (small layers too): the planner's LR-QAT backward
-    # temporaries (memory/planner.py) count W_hat + mask + one such block
-    for rows in _g_row_chunks(out_f, in_f, min(G_CHUNK_ELEMS, max(in_f, w.numel() // 4))):
+    # G blocks of at most a quarter of the layer, or G whole for small layers: the planner's LR-QAT
+    # backward temporaries (memory/planner.py) count W_hat + mask + one such block
+    for rows in _g_row_chunks(out_f, in_f, g_block_elems(out_f, in_f)):
         gblk = _gram_block(g2, x2, rows)
         if need_s:
             ds[rows] = _sum_g_times_codes(gblk, w[rows], s[rows])
@@ -245,6 +249,13 @@ def _dense_lrqat(m, g2, x2, w, clipped, need_a, need_b, need_s):
             if need_a:
                 da.add_(b[rows].t() @ dpre, alpha=c)
     return da, db, ds
+
+
+def g_block_elems(out_features: int, in_features: int) -> int:
+    """Elements of one block of G in LR-QAT's dense form: the whole layer up to :data:`G_WHOLE_ELEMS`,
+    else at most a quarter of it (and at most :data:`G_CHUNK_ELEMS`), at least one row."""
+    n = out_features * in_features
+    return n if n <= G_WHOLE_ELEMS else min(G_CHUNK_ELEMS, max(in_features, n // 4))
 
 
 def lrqat_linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -299,7 +310,9 @@ def _codes_minus_z(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_g_times_codes(g: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return (grouped(g, s.shape[1]) * _codes_minus_z(w, s)).sum(-1)
+    """``sum_{i in group} G (q - z)`` with one block-sized temporary (the codes, multiplied in place)."""
+    codes = grouped(w, s.shape[1]) / s.unsqueeze(-1)
+    return codes.round_().mul_(grouped(g, s.shape[1])).sum(-1)
 
 
 def gram_row_chunks(g2: torch.Tensor, x2: torch.Tensor, out_features: int, in_features: int,
