@@ -124,7 +124,8 @@ class QuantLinear(nn.Module):
 
     def fast_function(self):
         """``f(x, module) -> y`` with an exact backward that needs no autograd graph through the
-        weight (see :mod:`lrqat_dist.methods.fast_backward`); None = only the plain path."""
+        weight (see :mod:`lrqat_dist.methods.fast_backward`); None = only the plain path. A method
+        with a :meth:`gradient_mask` must honour it there (exact zeros for masked tensors)."""
         return None
 
     def rebuilt_weight(self) -> torch.Tensor:
@@ -153,7 +154,7 @@ class QuantLinear(nn.Module):
         params = self.trainable_tensors()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             fast = self.fast_function() if self.backward == "fast" else None
-            if fast is not None and self.weight_grad_sink is None and self.gradient_mask() is None:
+            if fast is not None and self.weight_grad_sink is None:
                 return fast(x, self)
             return _RecomputedLinear.apply(x, self, *params)
         with torch.no_grad():

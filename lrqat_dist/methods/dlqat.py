@@ -7,6 +7,9 @@ the frozen ``W0`` is a buffer. Training has two phases (the trainer switches the
 :mod:`lrqat_dist.methods.hooks`): phase 1 trains only ``s`` and ``b``; phase 2 freezes them and trains
 ``m``, ``A`` and ``B``. The weight is computed in its folded form, ``(m*s) * q + (m*b)``, so that
 ``fold()`` (integer codes ``q``, scale ``m*s``, float offset ``m*b``) is bit-identical to training.
+
+Backward (``QATConfig.backward: fast``, both phases): the exact no-autograd gradients of
+:func:`lrqat_dist.methods.fast_backward.dlqat_linear`, from the same rebuild (:meth:`DLQATLinear.codes_domain`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from ..quant.affine import QuantSpec, clamp_codes, grouped, round_ste, to_codes_
 from ..quant.range_init import MIN_SCALE, init_range
 from .base import QuantLinear
 from .config import QATConfig
+from .fast_backward import dlqat_linear
 
 PHASE1, PHASE2 = 1, 2
 
@@ -74,6 +78,7 @@ class DLQATLinear(QuantLinear):
             layer.offset.copy_(b)
             layer.weight0 = linear.weight.detach().clone()  # kept in the base model's dtype
         layer.phase = PHASE1 if cfg.dlqat_phase1_steps > 0 else PHASE2
+        layer.backward = cfg.backward
         return layer
 
     def set_phase(self, phase: int) -> None:
@@ -81,9 +86,17 @@ class DLQATLinear(QuantLinear):
             raise ValueError(f"{self.layer_name}: DL-QAT phase must be 1 or 2, got {phase!r}")
         self.phase = phase
 
+    def codes_domain(self, rows: slice = slice(None), ba: torch.Tensor | None = None) -> torch.Tensor:
+        """``(W0 + c B@A - b) / s`` (the real-valued grid positions) of rows ``rows``; ``ba`` a
+        precomputed whole ``B@A`` (a row-sliced matmul would round differently). Elementwise after
+        the matmul, so any row slice has the bits of the whole: the one rebuild that :meth:`codes`
+        (forward, fold, export) and the fast backward share."""
+        ba = self.lora_B @ self.lora_A if ba is None else ba
+        w = self.weight0[rows].float() + self.scaling * ba[rows]
+        return to_codes_domain(w, self.scale[rows], None, self.offset[rows])
+
     def codes(self) -> torch.Tensor:
-        w = self.weight0.float() + self.scaling * (self.lora_B @ self.lora_A)
-        return clamp_codes(round_ste(to_codes_domain(w, self.scale, None, self.offset)), self.spec)
+        return clamp_codes(round_ste(self.codes_domain()), self.spec)
 
     def scale_tensor(self) -> torch.Tensor:
         return self.magnitude * self.scale
@@ -94,6 +107,9 @@ class DLQATLinear(QuantLinear):
     def gradient_mask(self) -> list[bool]:
         p1 = self.phase == PHASE1
         return [p1, p1, not p1, not p1, not p1]  # scale, offset | magnitude, lora_A, lora_B
+
+    def fast_function(self):
+        return dlqat_linear
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, phase={self.phase}"

@@ -32,7 +32,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..quant.affine import grouped
+from ..quant.affine import dequantize, grouped
 
 logger = logging.getLogger(__name__)
 
@@ -320,3 +320,97 @@ def gram_row_chunks(g2: torch.Tensor, x2: torch.Tensor, out_features: int, in_fe
     """Yield ``(rows, G[rows])`` (fp32) for the methods whose gradient needs G itself (full QAT)."""
     for rows in _g_row_chunks(out_features, in_features, elems):
         yield rows, _gram_block(g2, x2, rows)
+
+
+# --- DL-QAT: W_hat = (m s) q + m b, q = clip(round((W0 + c B@A - b) / s)); G in row chunks ------------
+# G is needed in both phases (m, s, b are per group and dL/dm, dL/ds, dL/db are per-group sums over
+# G; phase 2's dA, dB are the dense form, as LR-QAT's at per-group scales). About seven chunk-sized
+# temporaries are alive at once (G, the grid positions, q, the mask and products).
+DLQAT_CHUNK_ELEMS = 1 << 20
+
+
+class _DLQATLinear(torch.autograd.Function):
+    """DL-QAT's forward is its plain no-grad rebuild (:meth:`QuantLinear.rebuilt_weight`); backward
+    honours :meth:`~lrqat_dist.methods.dlqat.DLQATLinear.gradient_mask` (the phase) as the plain
+    path does: a masked tensor gets an exact zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        w = module.rebuilt_weight()
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        m = ctx.module
+        wanted = ctx.needs_input_grad[2:]
+        need = tuple(n and k for n, k in zip(wanted, m.gradient_mask()))
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if any(need):
+            w, grads = dlqat_param_grads(m, g2, x2, need)
+        else:
+            w, grads = m.rebuilt_weight(), (None,) * len(need)
+        grad_x = _grad_x(grad_out, w, x.shape) if ctx.needs_input_grad[0] else None
+        grads = [torch.zeros_like(p) if g is None and n else g
+                 for p, g, n in zip(m.trainable_tensors(), grads, wanted)]
+        return (grad_x, None, *grads)
+
+
+@torch.no_grad()
+def dlqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, need: tuple[bool, ...]):
+    """``(W_hat, (ds, db, dm, dA, dB))`` of a DL-QAT layer (entries not in ``need`` are None) from
+    ``g2 = grad_out`` [T, out] and ``x2`` [T, in]. ``W_hat`` is rebuilt row chunk by row chunk from
+    :meth:`codes_domain` into one ``[out, in]`` buffer (first ``B@A``, one matmul as in forward), bit
+    for bit the forward's weight. With ``u = (W0 + c B@A - b) / s``, ``q = clip(round(u))``, ``M``
+    the in-range mask of ``round(u)`` (``torch.clamp``'s gradient rule: the ends included) and
+    ``G = g^T x`` per chunk, the plain path's chain rule (STE, LSQ) reads, per group:
+
+    - ``dm = s sum G q + b sum G`` (through ``m s`` and ``m b``);
+    - ``ds = m (sum G q - sum G M u)``, ``db = m (sum G - sum G M)`` (``s`` cancels);
+    - ``dA = c B^T (G m M)``, ``dB = c (G m M) A^T`` (``dL/d(W0 + c B@A) = G m s M / s``).
+    """
+    need_s, need_b, need_m, need_a, need_bb = need
+    s, b, mag = m.scale.detach(), m.offset.detach(), m.magnitude.detach()
+    a, bm = m.lora_A.detach(), m.lora_B.detach()
+    ms, mb = m.scale_tensor().detach(), m.offset_tensor().detach()
+    spec, c, ng = m.spec, m.scaling, s.shape[1]
+    shape = (m.out_features, m.in_features)
+    w = SCRATCH.get("weight", shape, torch.float32, bm.device)
+    w = torch.matmul(bm, a, out=w) if w is not None else bm @ a  # B@A, then W_hat row chunk by row chunk
+    ds = torch.empty_like(s) if need_s else None
+    db = torch.empty_like(b) if need_b else None
+    dm = torch.empty_like(mag) if need_m else None
+    da = torch.zeros_like(a) if need_a else None
+    dbb = torch.empty_like(bm) if need_bb else None
+    for rows in _g_row_chunks(*shape, DLQAT_CHUNK_ELEMS):
+        u = m.codes_domain(rows, w)
+        q = torch.round(u)
+        inside = (q >= spec.qmin) & (q <= spec.qmax)
+        q.clamp_(spec.qmin, spec.qmax)
+        w[rows] = dequantize(q, ms[rows], None, mb[rows])  # = weight_hat()[rows], bit for bit
+        gblk = _gram_block(g2, x2, rows)
+        gg = grouped(gblk, ng)
+        gq = (gg * grouped(q, ng)).sum(-1) if (need_m or need_s) else None
+        gsum = gg.sum(-1) if (need_m or need_b) else None
+        if need_m:
+            dm[rows] = gq * s[rows] + gsum * b[rows]
+        if need_s or need_b:
+            gm = grouped(gblk * inside, ng)
+            if need_s:
+                ds[rows] = (gq - (gm * grouped(u, ng)).sum(-1)).mul_(mag[rows])
+            if need_b:
+                db[rows] = (gsum - gm.sum(-1)).mul_(mag[rows])
+        if need_a or need_bb:
+            dpre = gblk.mul_(_expand(mag[rows], shape[1])).mul_(inside)
+            if need_bb:
+                dbb[rows] = (dpre @ a.t()).mul_(c)
+            if need_a:
+                da.add_(bm[rows].t() @ dpre, alpha=c)
+    return w, (ds, db, dm, da, dbb)
+
+
+def dlqat_linear(x: torch.Tensor, module) -> torch.Tensor:
+    return _DLQATLinear.apply(x, module, *module.trainable_tensors())
