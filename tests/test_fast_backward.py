@@ -10,6 +10,7 @@ from torch import nn
 
 from lrqat_dist import QATConfig
 from lrqat_dist.methods import METHODS, fast_backward
+from lrqat_dist.methods.dlqat import PHASE1, PHASE2
 from lrqat_dist.model.activations import attach_input_quantizer
 from lrqat_dist.quant.activation import DynamicActQuantizer
 from lrqat_dist.quant.affine import to_codes_domain
@@ -45,7 +46,7 @@ def _grads(layer, x: torch.Tensor, mode: str):
     return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}, ran
 
 
-FAST_FUNCTIONS = {"_LowRankLinearBackward", "_DenseGradLinearBackward"}
+FAST_FUNCTIONS = {"_LowRankLinearBackward", "_DenseGradLinearBackward", "_DLQATLinearBackward"}
 
 
 def _assert_ran(ran: str, mode: str) -> None:
@@ -324,3 +325,117 @@ def test_release_scratch_frees_the_buffers_per_thread(monkeypatch):
     assert seen == [{}]  # another thread has its own (empty) buffers
     fast_backward.release_scratch()
     assert not fast_backward.SCRATCH.buffers
+
+
+# --- DL-QAT -------------------------------------------------------------------------------------
+DLQAT_PARAMS = ["scale", "offset", "magnitude", "lora_A", "lora_B"]
+
+
+def _dlqat_layer(bits: int, group, range_init: str = "lp", seed: int = 0):
+    """Trained-looking adapters (c B@A moves codes by about a grid step: some clip), m and b moved
+    off their init, and four weights of row 1 placed on the grid ends: ``u = (W0 - b)/s`` at
+    ``qmax + 0.3`` and ``qmin - 0.3`` (round onto the end codes: in range, gradient passes) and at
+    ``qmax + 0.7``, ``qmin - 0.7`` (clipped)."""
+    layer = _layer("dlqat", seed=seed, bits=bits, group_size=group, range_init=range_init)
+    spec = layer.spec
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, float(layer.scale.mean()) / (layer.scaling * float(layer.lora_A.std()) * RANK**0.5))
+        layer.lora_B[1].zero_()  # row 1: the positions below exactly
+        layer.magnitude.uniform_(0.8, 1.2)
+        layer.offset.add_(0.01 * torch.randn_like(layer.offset))
+        s, b = layer.scale[1, 0], layer.offset[1, 0]
+        u = torch.tensor([spec.qmax + 0.3, spec.qmin - 0.3, spec.qmax + 0.7, spec.qmin - 0.7])
+        layer.weight0[1, :4] = b + s * u
+        u1 = layer.codes_domain(slice(1, 2))[0, :4]
+    # the constructed positions survived fp32 rounding: two on the ends (in range), two clipped
+    assert torch.equal(torch.round(u1), torch.tensor([spec.qmax, spec.qmin, spec.qmax + 1, spec.qmin - 1],
+                                                     dtype=torch.float32)), u1
+    return layer
+
+
+def _dlqat_clipped_fraction(layer) -> float:
+    with torch.no_grad():
+        r = torch.round(layer.codes_domain())
+    return float(((r < layer.spec.qmin) | (r > layer.spec.qmax)).float().mean())
+
+
+@pytest.mark.parametrize("range_init", ["lp", "minmax"])
+@pytest.mark.parametrize("group", [None, GROUP, 2 * GROUP])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dlqat_gradients_equal_autograd_in_both_phases(bits, group, range_init):
+    """Phase 1 (s, b: LSQ through round and clip) and phase 2 (m, A, B: STE), x too; the frozen
+    phase's tensors get exact zeros on both paths (the trainer's phase switch relies on it)."""
+    layer = _dlqat_layer(bits, group, range_init, seed=bits)
+    frac = _dlqat_clipped_fraction(layer)
+    assert 0.0 < frac < 0.5, frac
+    for phase, trained in ((PHASE1, {"scale", "offset"}), (PHASE2, {"magnitude", "lora_A", "lora_B"})):
+        layer.set_phase(phase)
+        _assert_same_grads(layer, torch.randn(2, 7, IN))
+        _, _, fast, _ = _grads(layer, torch.randn(3, IN), "fast")
+        assert set(fast) == set(DLQAT_PARAMS)
+        for n in DLQAT_PARAMS:
+            assert (fast[n].norm() > 0) == (n in trained), (phase, n)
+
+
+def test_dlqat_boundary_codes_pass_gradient_and_clipped_do_not():
+    """torch.clamp's rule, by hand: dL/dB of row 1 (B = c (G m M) A^T) sees the two weights whose
+    codes rounded onto the grid ends and not the two clipped ones."""
+    layer = _dlqat_layer(4, None)
+    layer.set_phase(PHASE2)
+    x = torch.zeros(1, IN)
+    x[0, :4] = torch.tensor([1.0, 10.0, 100.0, 1000.0])  # one weight's contribution per decade
+    c, m = layer.scaling, float(layer.magnitude[1, 0])
+    want = c * m * (x[0, :2] @ layer.lora_A.detach()[:, :2].t())  # positions 0, 1 only
+    for mode in ("fast", "autograd"):  # the rule is the plain path's; the fast path keeps it
+        layer.backward, layer.lora_B.grad = mode, None
+        y = layer(x)
+        _assert_ran(type(y.grad_fn).__name__, mode)
+        go = torch.zeros_like(y)
+        go[0, 1] = 1.0  # only row 1: G[1, i] = x[i]
+        y.backward(go)
+        assert torch.allclose(layer.lora_B.grad[1], want, rtol=1e-5, atol=0), (mode, layer.lora_B.grad[1], want)
+
+
+@pytest.mark.parametrize("group", [None, GROUP])
+def test_dlqat_fast_backward_rebuilds_the_forward_weight_bit_for_bit(group, monkeypatch):
+    """The backward's row-chunked rebuild (one row per chunk here, through the scratch buffer) is
+    weight_hat() and fold().dequantize() bit for bit."""
+    monkeypatch.setattr(fast_backward, "DLQAT_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
+    layer = _dlqat_layer(3, group)
+    g2, x2 = torch.randn(5, OUT), torch.randn(5, IN)
+    w, grads = fast_backward.dlqat_param_grads(layer, g2, x2, (True,) * 5)
+    assert w.data_ptr() == fast_backward.SCRATCH.buffers[("weight", torch.float32)].data_ptr()
+    assert torch.equal(w, layer.rebuilt_weight())
+    assert torch.equal(w, layer.fold().dequantize())
+    assert all(g is not None for g in grads)
+
+
+def test_dlqat_respects_requires_grad_and_the_backward_switch():
+    layer = _dlqat_layer(4, GROUP)
+    layer.set_phase(PHASE2)
+    layer.magnitude.requires_grad_(False)  # frozen by the user: no gradient at all (None), both paths
+    errs = _assert_same_grads(layer, torch.randn(2, 5, IN))
+    assert "magnitude" not in errs and {"lora_A", "lora_B"} <= set(errs)
+    lin = nn.Linear(IN, OUT)
+    cfg = QATConfig(method="dlqat", rank=RANK, backward="autograd")
+    auto = METHODS["dlqat"].from_linear(lin, cfg, "l")
+    assert auto.backward == "autograd"
+    y = auto(torch.randn(2, IN))
+    assert type(y.grad_fn).__name__ == "_RecomputedLinearBackward"
+    assert METHODS["dlqat"].from_linear(lin, QATConfig(method="dlqat", rank=RANK), "l").backward == "fast"
+
+
+def test_dlqat_gradients_bf16_compute():
+    """bf16 inputs: the plain path rounds G to bf16 as the fast one does; a looser bound (as LR-QAT's)."""
+    layer = _dlqat_layer(4, GROUP)
+    x = torch.randn(2, 9, IN).to(torch.bfloat16)
+    for phase in (PHASE1, PHASE2):
+        layer.set_phase(phase)
+        _, _, ref, ran_ref = _grads(layer, x, "autograd")
+        _, _, fast, ran = _grads(layer, x, "fast")
+        _assert_ran(ran_ref, "autograd")
+        _assert_ran(ran, "fast")
+        assert all(fast[n].dtype == torch.float32 for n in fast)
+        assert max(_rel(fast[n], ref[n]) for n in ref if ref[n].norm() > 0) < 2e-2
