@@ -110,8 +110,10 @@ def test_trainer_switches_phase_at_the_configured_step(tmp_path):
     from lrqat_dist.train.config import config_from_dict
     from lrqat_dist.train.loop import Trainer
 
+    # range_init lp: a clipped start. With min-max nothing clips at step 1, where b's exact gradient,
+    # m * (sum of G over the clipped weights), is 0 (docs/dlqat.md): b would rightly not move.
     cfg = config_from_dict(job_dict(tmp_path, quant={"method": "dlqat", "rank": 4, "alpha": 4.0,
-                                                     "dlqat_phase1_steps": 2},
+                                                     "dlqat_phase1_steps": 2, "range_init": "lp"},
                                     train={"max_steps": 4, "val_every": 0, "save_every": 0, "save_final": False,
                                            "warmup_ratio": 0.0}))
     trainer = Trainer(cfg, synthetic_builders())

@@ -30,7 +30,9 @@ TRAIN = {"val_every": 0, "save_every": 0, "save_final": False, "warmup_ratio": 0
 METHODS = {
     "loqt": ({"method": "loqt", "rank": 4, "range_init": "minmax", "loqt_tau": 1, "loqt_scale": 0.5,
               "loqt_error_comp": 1}, 5),
-    "dlqat": ({"method": "dlqat", "rank": 4, "alpha": 4.0, "range_init": "minmax", "dlqat_phase1_steps": 2}, 4),
+    # DL-QAT: the lp range clips at step 1, so b has a gradient (with min-max nothing clips and its exact
+    # gradient is 0: docs/dlqat.md)
+    "dlqat": ({"method": "dlqat", "rank": 4, "alpha": 4.0, "range_init": "lp", "dlqat_phase1_steps": 2}, 4),
     "actq": ({"method": "lrqat", "rank": 4, "activations": "a8kv4"}, 3),
 }
 KINDS = ("scale", "offset", "magnitude", "lora_A", "lora_B")
