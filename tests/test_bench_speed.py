@@ -1,6 +1,8 @@
 """tools/bench_speed.py --quick: every variant of both case kinds runs and gets a ratio to LoRA."""
 import json
 
+import pytest
+
 from tools import bench_speed as bench
 
 
@@ -15,3 +17,15 @@ def test_bench_speed_quick(tmp_path):
         assert rows["lora"]["ratio_to_lora"] == 1.0
         assert all(r["median_s"] > 0 for r in rows.values())
     assert "| linear-256x128-64 | lora |" in (tmp_path / "r.md").read_text()
+
+
+def test_bench_speed_dlqat_variants_on_request_single_linears_only(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--cases", "linear-256x128-64", "--variants", "dlqat,dlqat-autograd",
+                       "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"][0]["rows"]}
+    assert set(rows) == {"lora", "dlqat", "dlqat-autograd"}
+    assert rows["dlqat"]["clipped_fraction"] > 0 and all(r["median_s"] > 0 for r in rows.values())
+    assert "dlqat" not in bench.ALL
+    with pytest.raises(ValueError, match="single linears only"):
+        bench.main(["--quick", "--cases", "model-tiny-2x32", "--variants", "dlqat"])

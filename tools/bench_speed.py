@@ -17,7 +17,8 @@ Variants: ``lora`` (frozen fp32 W plus rank-32 adapters, B = 0), ``lrqat-q4.4`` 
 ``lrqat-bf16`` (downcast of Phi0), ``peqa``, ``full_qat``; ``-autograd`` = the same method on the
 plain reference backward (``QATConfig.backward: autograd``, the pre-issue-14 path);
 ``lrqat-q4.4-compiled`` (``QATConfig.compile_rebuild``, only when named in ``--variants``: its
-compile happens in the untimed warm-up step, reported as ``warmup_s``). W4 per channel,
+compile happens in the untimed warm-up step, reported as ``warmup_s``); ``dlqat`` / ``dlqat-autograd``
+(DL-QAT in phase 2, fast or plain backward; single linears, only when named in ``--variants``). W4 per channel,
 rank 32; range: Lp-4 on a 20-point grid for single linears, min-max for whole models (the shared
 builder of lrqat_dist.memory.benchmark); LR-QAT adapters are then perturbed so that ``c B@A`` has a standard deviation
 of ``--code-std`` grid steps (some codes clip, as after training; the clipped fraction is reported).
@@ -49,8 +50,12 @@ VARIANTS = {
     # QATConfig.compile_rebuild; only on request (--variants): its compile warm-up (untimed, reported
     # as warmup_s) is seconds to a minute per shape
     "lrqat-q4.4-compiled": dict(method="lrqat", downcast="q4.4", compile_rebuild=True),
+    # DL-QAT in phase 2 (m, A, B trained; s, b frozen), single linears only, on request
+    "dlqat": dict(method="dlqat", phase=2),
+    "dlqat-autograd": dict(method="dlqat", phase=2, backward="autograd"),
 }
-ON_REQUEST = {"lrqat-q4.4-compiled"}
+ON_REQUEST = {"lrqat-q4.4-compiled", "dlqat", "dlqat-autograd"}
+LINEAR_ONLY = {"dlqat", "dlqat-autograd"}  # the whole-model builder (memory benchmark) has no DL-QAT
 ALL = [v for v in VARIANTS if v not in ON_REQUEST]
 NO_AUTOGRAD_FULL = [v for v in ALL if v != "full_qat-autograd"]
 
@@ -95,6 +100,15 @@ def _qat_config(v: dict, rank: int):
                      backward=v.get("backward", "fast"), compile_rebuild=v.get("compile_rebuild", False))
 
 
+def dlqat_clipped_fraction(layer) -> float:
+    """Fraction of a DL-QAT layer's codes outside the grid (at its Lp start, B = 0)."""
+    import torch
+
+    with torch.no_grad():
+        r = torch.round(layer.codes_domain())
+    return float(((r < layer.spec.qmin) | (r > layer.spec.qmax)).float().mean())
+
+
 def perturb_adapters(model, code_std: float, seed: int = 0) -> float:
     """Set every LR-QAT layer's B so that ``c B@A`` has ``code_std`` grid steps of spread; returns the
     clipped fraction over all of them."""
@@ -136,6 +150,9 @@ class _Runner:
                 from lrqat_dist.methods import METHODS
 
                 self.module = METHODS[v["method"]].from_linear(lin, _qat_config(v, rank), name)
+                if "phase" in v:  # DL-QAT
+                    self.module.set_phase(v["phase"])
+                    self.clipped = dlqat_clipped_fraction(self.module)
             g = torch.Generator().manual_seed(1)
             self.x = torch.randn(case["tokens"], case["inp"], generator=g).requires_grad_(True)
             self.grad = torch.randn(case["tokens"], case["out"], generator=g)
@@ -199,6 +216,8 @@ def run_case(name: str, case: dict, repeats: int, rank: int, code_std: float, va
     # an explicit --variants list may name the on-request variants too
     names = [v for v in case["variants"] if variants is None or v in variants]
     names += [v for v in variants or [] if v in ON_REQUEST and v not in names]
+    if case["kind"] != "linear" and set(names) & LINEAR_ONLY:
+        raise ValueError(f"{name}: variants {sorted(set(names) & LINEAR_ONLY)} run on single linears only")
     if "lora" not in names:
         names.insert(0, "lora")
     shared: dict = {}
