@@ -398,8 +398,8 @@ def test_dlqat_boundary_codes_pass_gradient_and_clipped_do_not():
 
 @pytest.mark.parametrize("group", [None, GROUP])
 def test_dlqat_fast_backward_rebuilds_the_forward_weight_bit_for_bit(group, monkeypatch):
-    """The backward's row-chunked rebuild (one row per chunk here, through the scratch buffer) is
-    weight_hat() and fold().dequantize() bit for bit."""
+    """The backward's row-chunked rebuild (one row per chunk here, through the scratch buffer) and
+    the forward's row-blocked one are weight_hat() and fold().dequantize() bit for bit."""
     monkeypatch.setattr(fast_backward, "DLQAT_CHUNK_ELEMS", 1)
     monkeypatch.setattr(fast_backward, "SCRATCH_MIN_BYTES", 0)
     monkeypatch.setattr(fast_backward, "SCRATCH", fast_backward._Scratch())
@@ -407,8 +407,13 @@ def test_dlqat_fast_backward_rebuilds_the_forward_weight_bit_for_bit(group, monk
     g2, x2 = torch.randn(5, OUT), torch.randn(5, IN)
     w, grads = fast_backward.dlqat_param_grads(layer, g2, x2, (True,) * 5)
     assert w.data_ptr() == fast_backward.SCRATCH.buffers[("weight", torch.float32)].data_ptr()
-    assert torch.equal(w, layer.rebuilt_weight())
-    assert torch.equal(w, layer.fold().dequantize())
+    with torch.no_grad():
+        want = layer.weight_hat()  # the unfused autograd-path weight
+    assert torch.equal(w, want)
+    assert torch.equal(layer.fused_rebuild(), want)  # forward's (and eval's) row-blocked rebuild
+    assert torch.equal(layer.fused_rebuild(scratch=fast_backward.SCRATCH), want)
+    assert torch.equal(layer.rebuilt_weight(), want)
+    assert torch.equal(layer.fold().dequantize(), want)
     assert all(g is not None for g in grads)
 
 

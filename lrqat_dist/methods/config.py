@@ -38,7 +38,7 @@ class QATConfig:
     loqt_error_comp: LoQT error-compensation iterations at each merge (0: B re-initialised to zero).
     loqt_final_merge: LoQT: merge B into the quantized weights after the last step (fold is then exact).
     backward:    ``fast`` (exact gradients without an autograd graph through the weight, where the
-                 method has them: LR-QAT, PEQA, full QAT) or ``autograd`` (the plain reference path).
+                 method has them: LR-QAT, PEQA, full QAT, DL-QAT) or ``autograd`` (the plain reference path).
     compile_rebuild: LR-QAT with ``backward: fast`` only: rebuild the weight in forward/backward through
                  ``torch.compile`` (one fused loop; each shape's first result checked bit-equal to the
                  eager rebuild, else eager with a warning). Compile warm-up: tens of seconds per shape

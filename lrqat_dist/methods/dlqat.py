@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.affine import QuantSpec, clamp_codes, grouped, round_ste, to_codes_domain
+from ..quant.affine import QuantSpec, clamp_codes, dequantize, grouped, round_ste, row_blocks, to_codes_domain
 from ..quant.range_init import MIN_SCALE, init_range
 from .base import QuantLinear
 from .config import QATConfig
@@ -97,6 +97,38 @@ class DLQATLinear(QuantLinear):
 
     def codes(self) -> torch.Tensor:
         return clamp_codes(round_ste(self.codes_domain()), self.spec)
+
+    @torch.no_grad()
+    def rebuild_rows_(self, w: torch.Tensor, rows: slice, ms: torch.Tensor, mb: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In place: ``w[rows]`` holds ``B@A`` (the whole product's rows) and receives ``W_hat``'s
+        rows ``(m*s) q + m*b`` (``ms``, ``mb``: :meth:`scale_tensor`, :meth:`offset_tensor`). Returns
+        the grid positions ``u``, the codes ``q`` and the in-range mask of ``round(u)`` (the STE's
+        gradient passes there: ``torch.clamp``'s rule, ends included). Elementwise, so the bits are
+        :meth:`weight_hat`'s (round_ste's value is exactly round)."""
+        u = self.codes_domain(rows, w)
+        q = torch.round(u)
+        inside = (q >= self.spec.qmin) & (q <= self.spec.qmax)
+        q.clamp_(self.spec.qmin, self.spec.qmax)
+        w[rows] = dequantize(q, ms[rows], None, mb[rows])
+        return u, q, inside
+
+    @torch.no_grad()
+    def fused_rebuild(self, scratch=None) -> torch.Tensor:
+        """:meth:`weight_hat` without autograd, bit for bit, in L2-sized row blocks: one ``[out, in]``
+        fp32 tensor (``B@A`` as one matmul, overwritten in place) instead of about ten full-size
+        temporaries. ``scratch`` (forward/backward only): write into its reused buffer
+        (:class:`~lrqat_dist.methods.fast_backward._Scratch`). :meth:`fold` keeps :meth:`codes`."""
+        shape, dev = (self.out_features, self.in_features), self.lora_B.device
+        w = None if scratch is None else scratch.get("weight", shape, torch.float32, dev)
+        w = torch.matmul(self.lora_B, self.lora_A, out=w) if w is not None else self.lora_B @ self.lora_A
+        ms, mb = self.scale_tensor(), self.offset_tensor()
+        for rows in row_blocks(*shape):
+            self.rebuild_rows_(w, rows, ms, mb)
+        return w
+
+    def rebuilt_weight(self) -> torch.Tensor:
+        return self.fused_rebuild()
 
     def scale_tensor(self) -> torch.Tensor:
         return self.magnitude * self.scale

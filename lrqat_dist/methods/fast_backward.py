@@ -32,7 +32,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..quant.affine import dequantize, grouped
+from ..quant.affine import grouped
 
 logger = logging.getLogger(__name__)
 
@@ -330,13 +330,13 @@ DLQAT_CHUNK_ELEMS = 1 << 20
 
 
 class _DLQATLinear(torch.autograd.Function):
-    """DL-QAT's forward is its plain no-grad rebuild (:meth:`QuantLinear.rebuilt_weight`); backward
+    """DL-QAT's forward is its fused no-grad rebuild (:meth:`DLQATLinear.fused_rebuild`); backward
     honours :meth:`~lrqat_dist.methods.dlqat.DLQATLinear.gradient_mask` (the phase) as the plain
     path does: a masked tensor gets an exact zero gradient."""
 
     @staticmethod
     def forward(ctx, x, module, *params):
-        w = module.rebuilt_weight()
+        w = module.fused_rebuild(scratch=SCRATCH)
         ctx.module = module
         ctx.save_for_backward(x)
         return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
@@ -352,7 +352,7 @@ class _DLQATLinear(torch.autograd.Function):
         if any(need):
             w, grads = dlqat_param_grads(m, g2, x2, need)
         else:
-            w, grads = m.rebuilt_weight(), (None,) * len(need)
+            w, grads = m.fused_rebuild(scratch=SCRATCH), (None,) * len(need)
         grad_x = _grad_x(grad_out, w, x.shape) if ctx.needs_input_grad[0] else None
         grads = [torch.zeros_like(p) if g is None and n else g
                  for p, g, n in zip(m.trainable_tensors(), grads, wanted)]
@@ -362,9 +362,9 @@ class _DLQATLinear(torch.autograd.Function):
 @torch.no_grad()
 def dlqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, need: tuple[bool, ...]):
     """``(W_hat, (ds, db, dm, dA, dB))`` of a DL-QAT layer (entries not in ``need`` are None) from
-    ``g2 = grad_out`` [T, out] and ``x2`` [T, in]. ``W_hat`` is rebuilt row chunk by row chunk from
-    :meth:`codes_domain` into one ``[out, in]`` buffer (first ``B@A``, one matmul as in forward), bit
-    for bit the forward's weight. With ``u = (W0 + c B@A - b) / s``, ``q = clip(round(u))``, ``M``
+    ``g2 = grad_out`` [T, out] and ``x2`` [T, in]. ``W_hat`` is rebuilt row chunk by row chunk
+    (:meth:`rebuild_rows_`, as :meth:`fused_rebuild`) into one ``[out, in]`` buffer (first ``B@A``,
+    one matmul as in forward), bit for bit the forward's weight. With ``u = (W0 + c B@A - b) / s``, ``q = clip(round(u))``, ``M``
     the in-range mask of ``round(u)`` (``torch.clamp``'s gradient rule: the ends included) and
     ``G = g^T x`` per chunk, the plain path's chain rule (STE, LSQ) reads, per group:
 
@@ -376,7 +376,7 @@ def dlqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, need: tuple[bool, .
     s, b, mag = m.scale.detach(), m.offset.detach(), m.magnitude.detach()
     a, bm = m.lora_A.detach(), m.lora_B.detach()
     ms, mb = m.scale_tensor().detach(), m.offset_tensor().detach()
-    spec, c, ng = m.spec, m.scaling, s.shape[1]
+    c, ng = m.scaling, s.shape[1]
     shape = (m.out_features, m.in_features)
     w = SCRATCH.get("weight", shape, torch.float32, bm.device)
     w = torch.matmul(bm, a, out=w) if w is not None else bm @ a  # B@A, then W_hat row chunk by row chunk
@@ -386,11 +386,7 @@ def dlqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, need: tuple[bool, .
     da = torch.zeros_like(a) if need_a else None
     dbb = torch.empty_like(bm) if need_bb else None
     for rows in _g_row_chunks(*shape, DLQAT_CHUNK_ELEMS):
-        u = m.codes_domain(rows, w)
-        q = torch.round(u)
-        inside = (q >= spec.qmin) & (q <= spec.qmax)
-        q.clamp_(spec.qmin, spec.qmax)
-        w[rows] = dequantize(q, ms[rows], None, mb[rows])  # = weight_hat()[rows], bit for bit
+        u, q, inside = m.rebuild_rows_(w, rows, ms, mb)  # w[rows] = weight_hat()[rows], bit for bit
         gblk = _gram_block(g2, x2, rows)
         gg = grouped(gblk, ng)
         gq = (gg * grouped(q, ng)).sum(-1) if (need_m or need_s) else None
