@@ -119,13 +119,19 @@ class DLQATLinear(QuantLinear):
         fp32 tensor (``B@A`` as one matmul, overwritten in place) instead of about ten full-size
         temporaries. ``scratch`` (forward/backward only): write into its reused buffer
         (:class:`~lrqat_dist.methods.fast_backward._Scratch`). :meth:`fold` keeps :meth:`codes`."""
-        shape, dev = (self.out_features, self.in_features), self.lora_B.device
-        w = None if scratch is None else scratch.get("weight", shape, torch.float32, dev)
-        w = torch.matmul(self.lora_B, self.lora_A, out=w) if w is not None else self.lora_B @ self.lora_A
+        w = self.lowrank_product(scratch)
         ms, mb = self.scale_tensor(), self.offset_tensor()
-        for rows in row_blocks(*shape):
+        for rows in row_blocks(*w.shape):
             self.rebuild_rows_(w, rows, ms, mb)
         return w
+
+    @torch.no_grad()
+    def lowrank_product(self, scratch=None) -> torch.Tensor:
+        """``B@A`` as one matmul (row-sliced matmuls round differently), into ``scratch``'s reused
+        ``weight`` buffer when given (CPU, large layers)."""
+        shape, dev = (self.out_features, self.in_features), self.lora_B.device
+        w = None if scratch is None else scratch.get("weight", shape, torch.float32, dev)
+        return torch.matmul(self.lora_B, self.lora_A, out=w) if w is not None else self.lora_B @ self.lora_A
 
     def rebuilt_weight(self) -> torch.Tensor:
         return self.fused_rebuild()

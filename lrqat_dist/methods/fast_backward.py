@@ -22,7 +22,8 @@ The gather is memory-bound: when it would cost more than forming G (a cost model
 :data:`GATHER_COST`, :func:`_use_dense`) the chunked dense form is used instead; with a trained
 per-channel scale that is already at a few hundredths of a percent clipped on this CPU, because the
 dense form gets dL/ds from G for free. PEQA and full QAT need ``G`` anyway
-(``dL/dW`` is full-rank); they get the chunked dense form without the autograd graph.
+(``dL/dW`` is full-rank); they get the chunked dense form without the autograd graph. So does DL-QAT
+(per-group ``m``, ``s``, ``b``: sums of ``G`` per group), in both of its phases.
 """
 from __future__ import annotations
 
@@ -364,9 +365,10 @@ def dlqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, need: tuple[bool, .
     """``(W_hat, (ds, db, dm, dA, dB))`` of a DL-QAT layer (entries not in ``need`` are None) from
     ``g2 = grad_out`` [T, out] and ``x2`` [T, in]. ``W_hat`` is rebuilt row chunk by row chunk
     (:meth:`rebuild_rows_`, as :meth:`fused_rebuild`) into one ``[out, in]`` buffer (first ``B@A``,
-    one matmul as in forward), bit for bit the forward's weight. With ``u = (W0 + c B@A - b) / s``, ``q = clip(round(u))``, ``M``
-    the in-range mask of ``round(u)`` (``torch.clamp``'s gradient rule: the ends included) and
-    ``G = g^T x`` per chunk, the plain path's chain rule (STE, LSQ) reads, per group:
+    one matmul as in forward), bit for bit the forward's weight. With ``u = (W0 + c B@A - b) / s``,
+    ``q = clip(round(u))``, ``M`` the in-range mask of ``round(u)`` (``torch.clamp``'s gradient
+    rule: the ends included) and ``G = g^T x`` per chunk, the plain path's chain rule (STE, LSQ)
+    reads, per group:
 
     - ``dm = s sum G q + b sum G`` (through ``m s`` and ``m b``);
     - ``ds = m (sum G q - sum G M u)``, ``db = m (sum G - sum G M)`` (``s`` cancels);
@@ -378,8 +380,7 @@ def dlqat_param_grads(m, g2: torch.Tensor, x2: torch.Tensor, need: tuple[bool, .
     ms, mb = m.scale_tensor().detach(), m.offset_tensor().detach()
     c, ng = m.scaling, s.shape[1]
     shape = (m.out_features, m.in_features)
-    w = SCRATCH.get("weight", shape, torch.float32, bm.device)
-    w = torch.matmul(bm, a, out=w) if w is not None else bm @ a  # B@A, then W_hat row chunk by row chunk
+    w = m.lowrank_product(SCRATCH)  # B@A, then W_hat row chunk by row chunk
     ds = torch.empty_like(s) if need_s else None
     db = torch.empty_like(b) if need_b else None
     dm = torch.empty_like(mag) if need_m else None
