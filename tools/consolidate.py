@@ -6,7 +6,8 @@
 
 Runs in one CPU process, whatever the number of processes that trained. Output: the trainable
 tensors (lora_A, lora_B, scale ... in fp32, keyed by model parameter names) plus, for asymmetric
-grids, the integer zero-points (read from DeepSpeed's model states, or rebuilt from the base model).
+grids, the integer zero-points (rebuilt from the base model, checked against the checkpoint's
+frozen-state fingerprint; older DeepSpeed checkpoints: read from their model states).
 Use it with tools/export.py --trainable FILE, or load_state_dict(strict=False) into the model that
 lrqat_dist.train.build_model(cfg) builds. When the checkpoint also holds trainable.safetensors the
 two must agree bit for bit. See docs/export.md.
@@ -27,8 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: newest)")
     p.add_argument("--zero-points", default="auto", choices=("auto", "payload", "rebuild", "skip"),
-                   help="asymmetric grids: 'auto' = DeepSpeed's saved buffers, else rebuilt from the base model "
+                   help="asymmetric grids: 'auto' = rebuilt from the base model (older DeepSpeed checkpoints: "
+                        "their saved buffers) "
                         "(default: %(default)s)")
+    p.add_argument("--accept-changed-base-model", action="store_true",
+                   help="rebuilding zero-points: continue (with a warning) when the frozen state rebuilt from the "
+                        "base model differs from the checkpoint's fingerprint (default: refuse)")
     return p.parse_args(argv)
 
 
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # and the library's progress lines
 
     try:
-        report = consolidate(resolve_checkpoint(args.source, args.step), args.out, zero_points=args.zero_points)
+        report = consolidate(resolve_checkpoint(args.source, args.step), args.out, zero_points=args.zero_points,
+                             accept_changed_base_model=args.accept_changed_base_model)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: newest)")
     g.add_argument("--trainable", default=None, help="consolidated trainable tensors for a run (tools/consolidate.py)")
+    g.add_argument("--accept-changed-base-model", action="store_true",
+                   help="a run: evaluate even if its frozen state rebuilt from the base model differs from the "
+                        "checkpoint's fingerprint (default: refuse)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="compute dtype (default: %(default)s; bf16 is very slow on most CPUs)")
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             m = EvalModel(None, tok, "gguf", f"GGUF export {gg} in llama.cpp")
         else:
             m = load_for_eval(args.model, dtype=getattr(torch, args.dtype), device=args.device, step=args.step,
-                              trainable_file=args.trainable, tokenizer=args.tokenizer)
+                              trainable_file=args.trainable, tokenizer=args.tokenizer,
+                              accept_changed_base_model=args.accept_changed_base_model)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

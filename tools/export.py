@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="export even if the format cannot express the run's activation quantization (the loss "
                         "is logged and recorded in lrqat_activations.json; see docs/activation-quant.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--accept-changed-base-model", action="store_true",
+                   help="export even if the frozen state rebuilt from the base model (Phi0, s0, zero-points, frozen "
+                        "weights) differs from the fingerprint in the checkpoint's meta.json (default: refuse)")
     g = p.add_argument_group("gguf")
     g.add_argument("--gguf-embeddings", default="f16", choices=("f32", "f16", "q8_0"),
                    help="type of token_embd / output (default: %(default)s)")
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     try:
-        run = load_run(args.source, step=args.step, trainable_file=args.trainable)
+        run = load_run(args.source, step=args.step, trainable_file=args.trainable,
+                       accept_changed_base_model=args.accept_changed_base_model)
         print(f"[export] {run.describe()}", file=sys.stderr)
         notes = []
         print("[export] what serves where:\n" + format_verdicts(serving_verdicts(run.model, args.drop_activation_quant)), file=sys.stderr)

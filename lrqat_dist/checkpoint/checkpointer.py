@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import time
@@ -23,6 +24,7 @@ from ..engines import DistEnv, Engine
 from ..model import load_trained_buffers_, trained_buffer_state
 from .layout import (CHECKPOINTS, CONFIG_FILE, FORMAT, META_FILE, TMP_PREFIX, TRAINABLE_FILE, TRAINED_BUFFERS_FILE,
                      checkpoint_path, list_checkpoints, rank_file, read_meta, require_meta, tmp_checkpoint_path)
+from .size import checkpoint_bytes, format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +32,43 @@ logger = logging.getLogger(__name__)
 # --- per-rank state ---------------------------------------------------------------------------
 
 def capture_rng(device: torch.device) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain types (``rank_*.pt`` loads with ``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    else:  # checkpoints written before the states were plain types
+        random.setstate(py)
+    if isinstance(npy, dict):
+        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    else:
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_rank_state(path: Path) -> dict[str, Any]:
+    """A ``rank_*.pt`` file: tensors and plain types, loaded with ``weights_only=True``. Files written
+    before that (numpy arrays pickled) are read with the full unpickler after a warning."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        logger.warning("%s: written by an older version (pickled numpy RNG state); loading it with "
+                       "weights_only=False", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -85,6 +112,7 @@ class Checkpointer:
         payload = engine.save(tmp)
         torch.save(rank_state, tmp / rank_file(self.env.rank))
         trainable = engine.trainable_state()
+        trainable_bytes = sum(t.numel() * t.element_size() for t in trainable.values())
         if self.env.is_main:
             save_file(trainable, str(tmp / TRAINABLE_FILE))
             buffers = trained_buffer_state(engine.module)
@@ -107,7 +135,8 @@ class Checkpointer:
             os.rename(tmp, final)
             _fsync_dir(self.root)
             self._prune()
-            logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
+            logger.info("saved checkpoint %s in %.1f s: %s on disk (trainable tensors %s)", final,
+                        time.perf_counter() - t0, format_bytes(checkpoint_bytes(final)), format_bytes(trainable_bytes))
         self.env.barrier()
         return final
 
@@ -144,7 +173,7 @@ class Checkpointer:
         engine.load(path)
         if trained_buffer_state(engine.module):
             load_trained_buffers_(engine.module, load_file(str(path / TRAINED_BUFFERS_FILE)), str(path))
-        rank_state = torch.load(path / rank_file(self.env.rank), map_location="cpu", weights_only=False)
+        rank_state = load_rank_state(path / rank_file(self.env.rank))
         self._verify(path, engine)
         logger.info("resumed from %s (step %d)", path, meta["step"])
         return meta, rank_state

@@ -46,6 +46,9 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     save_final: bool = True
+    # Resume even if the frozen state rebuilt from the base model differs from the checkpoint's
+    # fingerprint (model/frozen_state.py); off: such a resume is refused, naming the first differing layer.
+    accept_changed_base_model: bool = False
     val_every: int = 0
     val_batches: int | None = None
     log_every: int = 10

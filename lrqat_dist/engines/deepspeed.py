@@ -12,11 +12,16 @@ already in ``train.dtype`` and A, B, s are fp32 Parameters, so DeepSpeed runs it
 they are their own masters and the forward sees the fp32 values (see docs/launch-deepspeed.md).
 
 Checkpoint payload: ``deepspeed/``, DeepSpeed's ``save_checkpoint`` layout (``latest`` + one tag
-directory), frozen parameters excluded. Offline, :func:`deepspeed_trainable` reads the trainable
+directory), frozen parameters and every buffer excluded (``exclude_frozen_parameters`` drops frozen
+parameters only; the buffers are made non-persistent while saving,
+:func:`lrqat_dist.model.frozen_state.buffers_left_out`), so the model-states files hold only the
+trainable tensors (ZeRO-3: their empty placeholders) and the optimizer-state files the fp32 master
+partitions and Adam moments. Offline, :func:`deepspeed_trainable` reads the trainable
 tensors back in one CPU process: ZeRO 1-3 merge the fp32 master partitions of the optimizer-state
 shards with ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (its float
 casting of buffers does not matter for A, B, s); ZeRO-0 keeps full parameters in the model-states
-file, which also holds the (integer) buffers as saved (:func:`deepspeed_buffers`).
+file. Checkpoints written before the buffers were left out (no ``payload_buffers: false`` in meta.json)
+also hold the (integer) buffers as saved (:func:`deepspeed_buffers`).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..model.frozen_state import buffers_left_out
 from .base import Engine, next_token_loss
 from .config import DistConfig, EngineConfig, TrainConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
@@ -208,12 +214,18 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path: Path) -> dict[str, Any]:
         tag = "state"
-        self.ds.save_checkpoint(str(path / DS_DIR), tag=tag, client_state={}, save_latest=True,
-                                exclude_frozen_parameters=True)
-        return {"payload": DS_DIR, "deepspeed_tag": tag}
+        # No buffer in the payload: the frozen ones (Phi0, s0, zero-points) are rebuilt from the base
+        # model on resume (checked against meta.json's fingerprint), LoQT's trained ones are saved once
+        # by the checkpoint layer. Under ZeRO-3 every rank writes its own model-states file, so a
+        # buffer left in would be written world_size times.
+        with buffers_left_out(self.ds.module):
+            self.ds.save_checkpoint(str(path / DS_DIR), tag=tag, client_state={}, save_latest=True,
+                                    exclude_frozen_parameters=True)
+        return {"payload": DS_DIR, "deepspeed_tag": tag, "payload_buffers": False}
 
     def load(self, path: Path) -> None:
-        # Frozen parameters were left out of the payload (rebuilt from the base model), hence not strict;
+        # Frozen parameters and all buffers were left out of the payload (rebuilt from the base model,
+        # LoQT's trained buffers restored by the checkpoint layer), hence not strict;
         # the checkpoint layer verifies the trainable tensors after loading.
         load_path, _ = self.ds.load_checkpoint(str(path / DS_DIR), tag=None, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)

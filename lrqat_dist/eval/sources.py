@@ -54,9 +54,10 @@ def detect_kind(path: str | Path) -> str:
 
 def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                   step: int | None = None, trainable_file: str | Path | None = None,
-                  tokenizer: str | None = None) -> EvalModel:
+                  tokenizer: str | None = None, accept_changed_base_model: bool = False) -> EvalModel:
     """Load any of :data:`KINDS` as a plain causal LM in ``dtype`` on ``device`` plus its tokenizer
-    (from the model directory, the run's config, or ``tokenizer``)."""
+    (from the model directory, the run's config, or ``tokenizer``). A run's rebuilt frozen state must
+    match its checkpoint's fingerprint unless ``accept_changed_base_model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..model import materialize
@@ -69,7 +70,8 @@ def load_for_eval(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     if kind == "run":
         from ..export.run import load_run
 
-        run = load_run(p, step=step, trainable_file=trainable_file)
+        run = load_run(p, step=step, trainable_file=trainable_file,
+                       accept_changed_base_model=accept_changed_base_model)
         model, tok, desc = materialize(run.model, dtype=dtype).to(dtype), run.tokenizer, run.describe()
     elif kind == "native":
         from ..export.native import load_native

@@ -6,9 +6,10 @@ DeepSpeed ZeRO 1-3 merges the fp32 master partitions of its optimizer-state shar
 full parameters in the model-states file); FSDP2 reads the ``model.*`` entries of its
 torch.distributed.checkpoint with ``no_dist=True``.
 
-Integer buffers never go through those converters. Zero-points (asymmetric grids) are read as saved
-from DeepSpeed's model-states file, or rebuilt from the base model (:func:`build_model`), which is
-also what FSDP2 checkpoints need since their payload holds trainable tensors only.
+Integer buffers never go through those converters. Zero-points (asymmetric grids) are rebuilt from
+the base model (:func:`build_model`) and checked against the checkpoint's frozen-state fingerprint:
+no payload holds buffers (DeepSpeed checkpoints written before that still have them in their
+model-states file, read as saved).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import (TRAINABLE_FILE, TRAINED_BUFFERS_FILE, payload_buffers, payload_trainable,
                           require_meta)
 from ..train.build import build_model
-from .run import checkpoint_config
+from .run import checkpoint_config, verify_frozen_state
 from .verify import same_bits
 
 logger = logging.getLogger(__name__)
@@ -48,19 +49,24 @@ class ConsolidationReport:
         return "\n".join(lines + [f"  check passed: {c}" for c in self.checks])
 
 
-def rebuilt_zero_points(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Zero-points rebuilt from the base model with the checkpoint's config (deterministic range init)."""
+def rebuilt_zero_points(ckpt: Path, accept_changed_base_model: bool = False) -> dict[str, torch.Tensor]:
+    """Zero-points rebuilt from the base model with the checkpoint's config (deterministic range init),
+    after checking the rebuilt frozen state against the checkpoint's fingerprint."""
     cfg = checkpoint_config(ckpt)
     logger.info("[consolidate] rebuilding zero-points from the base model (%s)", cfg.model.path or "random init")
     model = build_model(cfg, device="cpu", dtype=torch.float32)
+    verify_frozen_state(model, ckpt, require_meta(ckpt), accept_changed_base_model)
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(ZERO_POINT_SUFFIX)}
 
 
-def consolidate(checkpoint: str | Path, out_file: str | Path, *, zero_points: str = "auto") -> ConsolidationReport:
+def consolidate(checkpoint: str | Path, out_file: str | Path, *, zero_points: str = "auto",
+                accept_changed_base_model: bool = False) -> ConsolidationReport:
     """Write the trainable state of a DeepSpeed/FSDP2 checkpoint as one safetensors file.
 
-    ``zero_points``: ``auto`` (asymmetric grids only: DeepSpeed's saved buffers, else rebuilt from
-    the base model), ``payload`` (DeepSpeed only), ``rebuild``, or ``skip``. When the checkpoint also
+    ``zero_points``: ``auto`` (asymmetric grids only: rebuilt from the base model; DeepSpeed
+    checkpoints written before payloads left buffers out: their saved buffers), ``payload`` (such old
+    DeepSpeed checkpoints only), ``rebuild``, or ``skip``. Rebuilding checks the rebuilt frozen state
+    against the checkpoint's fingerprint (``accept_changed_base_model``: warn instead of refusing). When the checkpoint also
     has ``trainable.safetensors`` (gathered from the live model at save time), the consolidated
     tensors must equal it bit for bit.
     """
@@ -86,9 +92,11 @@ def consolidate(checkpoint: str | Path, out_file: str | Path, *, zero_points: st
     symmetric = checkpoint_config(ckpt).quant.symmetric
     mode = zero_points
     if mode == "auto":
-        mode = "skip" if symmetric else ("payload" if meta["engine"] == "deepspeed" else "rebuild")
-    if mode == "payload" and meta["engine"] != "deepspeed":
-        raise ValueError(f"zero_points='payload': the {meta['engine']} payload holds no buffers; use 'rebuild'")
+        old_ds = meta["engine"] == "deepspeed" and meta.get("payload_buffers", True)
+        mode = "skip" if symmetric else ("payload" if old_ds else "rebuild")
+    if mode == "payload" and (meta["engine"] != "deepspeed" or not meta.get("payload_buffers", True)):
+        raise ValueError(f"zero_points='payload': the {meta['engine']} payload of {ckpt} holds no buffers (they "
+                         "are rebuilt from the base model); use 'rebuild'")
     if (ckpt / TRAINED_BUFFERS_FILE).is_file():  # LoQT: merges rewrote the zero-points; load_run reads that file
         if mode == "rebuild":
             raise ValueError(f"zero_points='rebuild': {ckpt} holds {TRAINED_BUFFERS_FILE} (buffers rewritten by "
@@ -96,7 +104,8 @@ def consolidate(checkpoint: str | Path, out_file: str | Path, *, zero_points: st
         if mode == "auto" or mode == "skip":
             mode, report.zero_points = "skip", f"in {TRAINED_BUFFERS_FILE} (read by load_run)"
     if mode != "skip":
-        zps = (payload_buffers(ckpt, meta, ZERO_POINT_SUFFIX) if mode == "payload" else rebuilt_zero_points(ckpt))
+        zps = (payload_buffers(ckpt, meta, ZERO_POINT_SUFFIX) if mode == "payload"
+               else rebuilt_zero_points(ckpt, accept_changed_base_model))
         if not zps and not symmetric:
             raise RuntimeError(f"{ckpt}: asymmetric config but no zero-point buffers found ({mode})")
         state.update(zps)

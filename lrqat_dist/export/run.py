@@ -17,6 +17,7 @@ from torch import nn
 
 from ..checkpoint import (TOKENIZER_DIR, config_file, load_trainable_, load_trained_buffers_from, read_trainable,
                           require_meta, resolve_checkpoint, run_dir)
+from ..model.frozen_state import OVERRIDE_FLAG, check_frozen_fingerprint, fingerprint_param_dtype, frozen_fingerprint
 from ..train.build import build_model, build_tokenizer
 from ..train.config import JobConfig, load_config
 
@@ -42,14 +43,29 @@ def checkpoint_config(ckpt: Path) -> JobConfig:
     return load_config(config_file(ckpt))
 
 
-def load_run(path: str | Path, step: int | None = None, trainable_file: str | Path | None = None) -> LoadedRun:
-    """Rebuild a run's prepared model on CPU in fp32 with its trained tensors (see the module docstring)."""
+def verify_frozen_state(model: nn.Module, ckpt: Path, meta: dict, accept_changed_base_model: bool = False,
+                        override: str = OVERRIDE_FLAG) -> None:
+    """Compare the frozen state of ``model`` (just rebuilt from the base model) with the fingerprint in
+    the checkpoint's meta.json; refuse a mismatch unless ``accept_changed_base_model`` (see
+    :func:`lrqat_dist.model.frozen_state.check_frozen_fingerprint`)."""
+    saved = meta.get("frozen_fingerprint")
+    check_frozen_fingerprint(saved, lambda: frozen_fingerprint(model, fingerprint_param_dtype(saved)),
+                             f"{ckpt}", accept_changed_base_model, override)
+
+
+def load_run(path: str | Path, step: int | None = None, trainable_file: str | Path | None = None,
+             accept_changed_base_model: bool = False) -> LoadedRun:
+    """Rebuild a run's prepared model on CPU in fp32 with its trained tensors (see the module docstring).
+
+    The rebuilt frozen state must match the checkpoint's fingerprint (else
+    :class:`~lrqat_dist.model.frozen_state.FrozenStateMismatch`), unless ``accept_changed_base_model``."""
     ckpt = resolve_checkpoint(path, step)
     meta = require_meta(ckpt)
     cfg = checkpoint_config(ckpt)
     logger.info("[load] %s: step %s, engine %s; building the base model (%s) and preparing it",
                 ckpt, meta["step"], meta["engine"], cfg.model.path or "random init")
     model = build_model(cfg, device="cpu", dtype=torch.float32)
+    verify_frozen_state(model, ckpt, meta, accept_changed_base_model)
     state, source = read_trainable(ckpt, meta, trainable_file)
     load_trained_buffers_from(model, ckpt)  # LoQT: merged codes, scales and P live in the checkpoint
     load_trainable_(model, state, list(meta["trainable"]), source)

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import (CHECKPOINTS, CONFIG_FILE, TOKENIZER_DIR, Checkpointer, capture_rng, list_checkpoints,
-                          resolve_resume, restore_rng)
+                          require_meta, resolve_resume, restore_rng)
 from ..data import build_train_loader, build_val_loader
 from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
 from ..methods.hooks import group_windows, training_hooks
+from ..model.frozen_state import check_frozen_fingerprint, frozen_fingerprint
 from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing
 from .config import JobConfig, dump_config, parse_yaml
 from .metrics import MetricsLogger, peak_memory_gb
@@ -110,6 +111,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.train, env.device)
         model = builders.model(cfg, env.device)
         self._check_same_model(model)
+        # Before any sharding: stored in every checkpoint's meta.json, compared on resume and export.
+        self.frozen_fingerprint = frozen_fingerprint(model, self.dtype, env.rank, env.world_size, env.all_gather)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
@@ -176,6 +179,8 @@ class Trainer:
             raise FileNotFoundError(ckpt)
         step, self.tokens_seen = 0, 0
         if ckpt is not None:
+            check_frozen_fingerprint(require_meta(ckpt).get("frozen_fingerprint"), self.frozen_fingerprint,
+                                     f"resume from {ckpt}", cfg.train.accept_changed_base_model)
             meta, rank_state = self.checkpointer.load(ckpt, self.engine)
             self.train_loader.load_state_dict(rank_state["data"])
             restore_rng(rank_state["rng"], env.device)
@@ -289,5 +294,6 @@ class Trainer:
     def save(self, step: int) -> Path:
         """Checkpoint after ``step`` (collective)."""
         rank_state = {"data": self.train_loader.state_dict(), "rng": capture_rng(self.env.device)}
-        meta = {"tokens_seen": self.tokens_seen, "dtype": str(self.dtype).replace("torch.", "")}
+        meta = {"tokens_seen": self.tokens_seen, "dtype": str(self.dtype).replace("torch.", ""),
+                "frozen_fingerprint": self.frozen_fingerprint}
         return self.checkpointer.save(step, self.engine, rank_state, meta)
