@@ -1,0 +1,58 @@
+"""torchrun worker of tests/test_lean_checkpoint.py: DeepSpeed ZeRO-3, 2 processes, a base model read
+from a local HF directory (so that the test can change the file between launches).
+
+    torchrun --nproc_per_node 2 tests/dist/lean_worker.py train ROOT    # ROOT/ds3 and ROOT/ds3-changed, 2 steps
+    torchrun --nproc_per_node 2 tests/dist/lean_worker.py resume ROOT   # ROOT/ds3-changed: refused, then overridden
+
+``resume`` expects the refusal on every rank (each writes ``ROOT/refused_rank<r>.txt`` with the error),
+then resumes with ``train.accept_changed_base_model: true`` to step 3.
+"""
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from train_common import job_dict, synthetic_builders  # this script's folder is on sys.path
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 2
+QUANT = {"bits": 3, "group_size": 32, "symmetric": False}  # asymmetric: zero-points exercised
+TOKENIZER = REPO / "tests" / "fixtures" / "lm_eval_task" / "byte_tokenizer"
+RUNS = {"ds3": "base", "ds3-changed": "base-changed"}  # run dir -> base-model dir under ROOT
+
+
+def job(root: Path, run: str, **train) -> dict:
+    return job_dict(root / run, dist={"engine": "deepspeed", "zero_stage": 3}, quant=QUANT,
+                    model={"path": str(root / RUNS[run]), "config": None, "tokenizer": str(TOKENIZER)},
+                    train={"max_steps": STEPS, "val_every": 0, **train})
+
+
+def main(mode: str, root: Path) -> None:
+    from lrqat_dist.model.frozen_state import FrozenStateMismatch
+    from lrqat_dist.train import train
+    from lrqat_dist.train.config import config_from_dict
+
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # the save lines (sizes) are checked
+    rank = int(os.environ["RANK"])
+    if mode == "train":
+        for run in RUNS:
+            train(config_from_dict(job(root, run)), resume="none", builders=synthetic_builders())
+        return
+    try:
+        train(config_from_dict(job(root, "ds3-changed", max_steps=STEPS + 1)), resume="auto",
+              builders=synthetic_builders())
+        message = "not refused"
+    except FrozenStateMismatch as e:
+        message = str(e)
+    (root / f"refused_rank{rank}.txt").write_text(message)
+    result = train(config_from_dict(job(root, "ds3-changed", max_steps=STEPS + 1, accept_changed_base_model=True)),
+                   resume="auto", builders=synthetic_builders())
+    if rank == 0:
+        (root / "overridden.json").write_text(json.dumps({"step": result.step, "checkpoint": str(result.checkpoint)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
+    sys.exit(0)
