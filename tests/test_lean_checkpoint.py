@@ -29,6 +29,7 @@ from lrqat_dist.checkpoint import TRAINABLE_FILE, checkpoint_path, read_meta
 from lrqat_dist.checkpoint.size import checkpoint_bytes
 from lrqat_dist.model.frozen_state import FrozenStateMismatch, frozen_bytes
 from test_frozen_state import CHANGED, perturb_layer, save_tiny_base_model
+from train_common import series
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist" / "lean_worker.py"
@@ -142,8 +143,15 @@ def test_zero3_changed_base_model_refused_on_resume_consolidation_and_export(run
     assert consolidate_tool.main([str(ckpt), "--out", str(tmp_path / "c.safetensors"),
                                   "--accept-changed-base-model"]) == 0
 
-    _torchrun("resume", runs)  # refused on both ranks, then resumed with the override
+    _torchrun("resume", runs)  # ds3-changed: refused on both ranks, then resumed with the override
     for rank in (0, 1):
         text = (runs / f"refused_rank{rank}.txt").read_text()
         assert re.search(named + r".*train\.accept_changed_base_model", text), text
     assert json.loads((runs / "overridden.json").read_text())["step"] == STEPS + 1
+
+    # The same launch resumed ds3 (unchanged base model, lean step-2 checkpoint): bit-identical to the
+    # uninterrupted run.
+    resumed = load_file(str(checkpoint_path(runs / "ds3", STEPS + 1) / TRAINABLE_FILE))
+    reference = load_file(str(checkpoint_path(runs / "ds3-ref", STEPS + 1) / TRAINABLE_FILE))
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert series(runs / "ds3") == series(runs / "ds3-ref") and len(series(runs / "ds3")) == STEPS + 1

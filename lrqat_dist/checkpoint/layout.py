@@ -4,16 +4,21 @@ and export, eval and resume read.
     <output_dir>/config.yaml                       resolved config of the run (written at start)
     <output_dir>/tokenizer/                        the run's tokenizer cache (a .gguf source, saved once)
     <output_dir>/checkpoints/step_<N:08d>/
-        meta.json               step, engine, zero_stage, world_size, trainable names, "complete": true
+        meta.json               step, engine, zero_stage, world_size, trainable names, the frozen state's
+                                per-module fingerprint (lrqat_dist.model.frozen_state), "complete": true
                                 (written last, after every other file)
         config.yaml             resolved config the checkpoint was trained with
         trainable.safetensors   full fp32 trainable tensors (A, B, s ...) keyed by model parameter names,
                                 for every engine: the one file export needs besides the base model
         trained_buffers.safetensors  only for methods that rewrite buffers (LoQT's merged codes, scales,
                                 P): identical on every rank, written by rank 0, read by resume and export
-        rank_<r:05d>.pt         per rank: data-stream state, RNG states
+        rank_<r:05d>.pt         per rank: data-stream state, RNG states (tensors and plain types: loads
+                                with torch.load(weights_only=True))
         <engine payload>        none: train_state.pt (optimizer, scheduler); deepspeed: deepspeed/
                                 (DeepSpeed save_checkpoint layout); fsdp2: dcp/ (torch.distributed.checkpoint)
+
+No file holds frozen state (Phi0, s0, zero-points, frozen embeddings/norms): resume and export rebuild
+it from the base model and compare it with meta.json's fingerprint.
 
 A checkpoint is written into ``checkpoints/.tmp_step_<N>`` and renamed into place once complete
 (:class:`lrqat_dist.checkpoint.Checkpointer`), so a crash mid-save leaves the previous checkpoints

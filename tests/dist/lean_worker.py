@@ -1,15 +1,19 @@
 """torchrun worker of tests/test_lean_checkpoint.py: DeepSpeed ZeRO-3, 2 processes, a base model read
 from a local HF directory (so that the test can change the file between launches).
 
-    torchrun --nproc_per_node 2 tests/dist/lean_worker.py train ROOT    # ROOT/ds3 and ROOT/ds3-changed, 2 steps
-    torchrun --nproc_per_node 2 tests/dist/lean_worker.py resume ROOT   # ROOT/ds3-changed: refused, then overridden
+    torchrun --nproc_per_node 2 tests/dist/lean_worker.py train ROOT
+    torchrun --nproc_per_node 2 tests/dist/lean_worker.py resume ROOT
 
-``resume`` expects the refusal on every rank (each writes ``ROOT/refused_rank<r>.txt`` with the error),
-then resumes with ``train.accept_changed_base_model: true`` to step 3.
+``train``: ROOT/ds3 (max_steps 3, preempted by SIGTERM after step 2: checkpoint step 2),
+ROOT/ds3-ref (the same 3 steps uninterrupted) and ROOT/ds3-changed (2 steps).
+``resume``: ROOT/ds3 resumes to step 3 (the test compares it with ds3-ref bit for bit); ROOT/ds3-changed,
+whose base model the test has changed, must be refused on every rank (each writes
+``ROOT/refused_rank<r>.txt`` with the error), then resumes with ``train.accept_changed_base_model: true``.
 """
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 QUANT = {"bits": 3, "group_size": 32, "symmetric": False}  # asymmetric: zero-points exercised
 TOKENIZER = REPO / "tests" / "fixtures" / "lm_eval_task" / "byte_tokenizer"
-RUNS = {"ds3": "base", "ds3-changed": "base-changed"}  # run dir -> base-model dir under ROOT
+RUNS = {"ds3": "base", "ds3-ref": "base", "ds3-changed": "base-changed"}  # run dir -> base-model dir under ROOT
 
 
 def job(root: Path, run: str, **train) -> dict:
@@ -37,9 +41,17 @@ def main(mode: str, root: Path) -> None:
     logging.getLogger("lrqat_dist").setLevel(logging.INFO)  # the save lines (sizes) are checked
     rank = int(os.environ["RANK"])
     if mode == "train":
-        for run in RUNS:
-            train(config_from_dict(job(root, run)), resume="none", builders=synthetic_builders())
+        def preempt(step):
+            if step == STEPS and rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        assert train(config_from_dict(job(root, "ds3", max_steps=STEPS + 1)), resume="none",
+                     builders=synthetic_builders(), on_step=preempt).preempted
+        train(config_from_dict(job(root, "ds3-ref", max_steps=STEPS + 1)), resume="none", builders=synthetic_builders())
+        train(config_from_dict(job(root, "ds3-changed")), resume="none", builders=synthetic_builders())
         return
+    assert train(config_from_dict(job(root, "ds3", max_steps=STEPS + 1)), resume="auto",
+                 builders=synthetic_builders()).step == STEPS + 1
     try:
         train(config_from_dict(job(root, "ds3-changed", max_steps=STEPS + 1)), resume="auto",
               builders=synthetic_builders())
