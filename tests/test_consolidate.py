@@ -69,10 +69,10 @@ def test_consolidated_payload_folds_like_the_live_model(runs, tmp_path, engine):
     for name, fw in live.items():
         assert torch.equal(ours[name].codes, fw.codes) and torch.equal(ours[name].scale, fw.scale), name
         assert torch.equal(ours[name].zero_point, fw.zero_point), name
-    if engine == "ds3":  # DeepSpeed's saved buffers agree with the ones rebuilt from the base model
-        consolidate(ckpt, tmp_path / "r.safetensors", zero_points="rebuild")
-        rebuilt = load_file(str(tmp_path / "r.safetensors"))
-        assert all(torch.equal(rebuilt[k], v) for k, v in zps.items())
+    assert report.zero_points == "14 from the base model"  # no payload holds buffers: rebuilt, fingerprint-checked
+    if engine == "ds3":  # the lean DeepSpeed payload has no buffer to read
+        with pytest.raises(ValueError, match="holds no buffers"):
+            consolidate(ckpt, tmp_path / "r.safetensors", zero_points="payload")
 
 
 def test_tools_without_trainable_file(runs, tmp_path):
