@@ -17,7 +17,7 @@ from lrqat_dist.checkpoint import capture_rng, checkpoint_path, restore_rng
 from lrqat_dist.checkpoint.checkpointer import load_rank_state
 from lrqat_dist.model import build_prepared_model, load_causal_lm
 from lrqat_dist.model.frozen_state import (FrozenStateMismatch, buffers_left_out, check_frozen_fingerprint,
-                                           frozen_fingerprint, frozen_tensors)
+                                           frozen_fingerprint, frozen_state_left_out, frozen_tensors)
 from lrqat_dist.train import train
 from lrqat_dist.train.config import config_from_dict
 
@@ -64,6 +64,13 @@ def test_buffers_left_out_of_state_dict_and_restored():
         assert not (set(inside) & buffers) and set(inside) == set(before) - buffers
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # What DeepSpeed saves: trainable parameters only; the tied embedding's lm_head alias (not in
+    # named_parameters, so exclude_frozen_parameters would keep it) is gone too.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "lm_head.weight" in before and "lm_head.weight" not in dict(model.named_parameters())
+    with frozen_state_left_out(model):
+        assert sorted(model.state_dict()) == sorted(trainable) and len(trainable) == 3 * 14
+    assert set(model.state_dict()) == set(before)
 
 
 def test_fingerprint_split_over_ranks_and_dtypes():

@@ -13,8 +13,9 @@ they are their own masters and the forward sees the fp32 values (see docs/launch
 
 Checkpoint payload: ``deepspeed/``, DeepSpeed's ``save_checkpoint`` layout (``latest`` + one tag
 directory), frozen parameters and every buffer excluded (``exclude_frozen_parameters`` drops frozen
-parameters only; the buffers are made non-persistent while saving,
-:func:`lrqat_dist.model.frozen_state.buffers_left_out`), so the model-states files hold only the
+parameters only, and not a tied alias such as ``lm_head.weight``; while saving, the buffers are
+non-persistent and a state-dict hook keeps the trainable names only,
+:func:`lrqat_dist.model.frozen_state.frozen_state_left_out`), so the model-states files hold only the
 trainable tensors (ZeRO-3: their empty placeholders) and the optimizer-state files the fp32 master
 partitions and Adam moments. Offline, :func:`deepspeed_trainable` reads the trainable
 tensors back in one CPU process: ZeRO 1-3 merge the fp32 master partitions of the optimizer-state
@@ -36,7 +37,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..model.frozen_state import buffers_left_out
+from ..model.frozen_state import frozen_state_left_out
 from .base import Engine, next_token_loss
 from .config import DistConfig, EngineConfig, TrainConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
@@ -214,11 +215,12 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path: Path) -> dict[str, Any]:
         tag = "state"
-        # No buffer in the payload: the frozen ones (Phi0, s0, zero-points) are rebuilt from the base
-        # model on resume (checked against meta.json's fingerprint), LoQT's trained ones are saved once
-        # by the checkpoint layer. Under ZeRO-3 every rank writes its own model-states file, so a
-        # buffer left in would be written world_size times.
-        with buffers_left_out(self.ds.module):
+        # Trainable parameters only in the model states: the frozen buffers (Phi0, s0, zero-points) and
+        # parameters (a tied embedding's lm_head alias too) are rebuilt from the base model on resume
+        # (checked against meta.json's fingerprint), LoQT's trained buffers are saved once by the
+        # checkpoint layer. Under ZeRO-3 every rank writes its own model-states file, so a buffer left
+        # in would be written world_size times.
+        with frozen_state_left_out(self.ds.module):
             self.ds.save_checkpoint(str(path / DS_DIR), tag=tag, client_state={}, save_latest=True,
                                     exclude_frozen_parameters=True)
         return {"payload": DS_DIR, "deepspeed_tag": tag, "payload_buffers": False}

@@ -7,8 +7,9 @@ frozen state: training rewrites them and checkpoints carry them (``trained_buffe
 
 Two things here:
 
-- :func:`buffers_left_out` - a context in which ``module.state_dict()`` holds no buffer at all (used
-  around DeepSpeed's ``save_checkpoint``, which saves ``module.state_dict()`` on every rank);
+- :func:`frozen_state_left_out` - a context in which ``module.state_dict()`` holds the trainable
+  parameters only, no buffer, no frozen parameter (used around DeepSpeed's ``save_checkpoint``,
+  which saves ``module.state_dict()`` in its model-states files, one per rank under ZeRO-3);
 - :func:`frozen_fingerprint` / :func:`check_frozen_fingerprint` - one sha256 per module over the
   bytes (plus names, dtypes and shapes) of its frozen tensors, computed when a run builds its model and
   stored in ``meta.json``; resume and export rebuild the frozen state and compare, so a different
@@ -64,6 +65,26 @@ def buffers_left_out(module: nn.Module) -> Iterator[None]:
     finally:
         for m, name in added:
             m._non_persistent_buffers_set.discard(name)
+
+
+@contextmanager
+def frozen_state_left_out(module: nn.Module) -> Iterator[None]:
+    """Within the context, ``module.state_dict()`` holds the trainable parameters only: no buffer
+    (:func:`buffers_left_out`) and no frozen parameter, tied aliases included. DeepSpeed's
+    ``exclude_frozen_parameters`` drops frozen parameters by their ``named_parameters`` name, so the
+    alias of a tied frozen embedding (``lm_head.weight``) would stay in its model-states file."""
+    keep = {n for n, p in module.named_parameters() if p.requires_grad}
+
+    def drop(mod: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in keep]:
+            del state_dict[key]
+
+    handle = module.register_state_dict_post_hook(drop)
+    try:
+        with buffers_left_out(module):
+            yield
+    finally:
+        handle.remove()
 
 
 # --- what is frozen -----------------------------------------------------------------------------
