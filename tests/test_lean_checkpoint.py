@@ -100,6 +100,25 @@ def test_zero3_checkpoint_holds_no_frozen_buffer_and_is_small(runs):
     assert on_disk == total and of_trainable == trainable_bytes, line
 
 
+def test_loqt_trained_buffers_saved_once(runs):
+    """LoQT rewrites its codes, scales and P: they are in trained_buffers.safetensors (rank 0, once),
+    not in any DeepSpeed file, and not part of the frozen-state fingerprint."""
+    from lrqat_dist.checkpoint import TRAINED_BUFFERS_FILE
+
+    ckpt = checkpoint_path(runs / "loqt-ds3", STEPS)
+    meta = read_meta(ckpt)
+    saved = load_file(str(ckpt / TRAINED_BUFFERS_FILE))
+    assert sorted({k.rsplit(".", 1)[1] for k in saved}) == ["proj", "qscale", "qweight"] and len(saved) == 3 * 14
+    for f in sorted((ckpt / "deepspeed" / meta["deepspeed_tag"]).glob("*_states.pt")):
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        assert not set(sd.get("module") or {}) & set(saved), f
+        if "module" in sd:
+            assert set(sd["module"]) == set(meta["trainable"])
+    fingerprinted = set(meta["frozen_fingerprint"]["modules"])
+    assert not {k.rsplit(".", 1)[0] for k in saved} & fingerprinted  # LoQT layers own no frozen state
+    assert "model.embed_tokens" in fingerprinted
+
+
 def test_zero3_consolidation_and_export_bit_exact(runs, tmp_path):
     from lrqat_dist.export import read_native
     from lrqat_dist.export.consolidate import consolidate

@@ -5,7 +5,8 @@ from a local HF directory (so that the test can change the file between launches
     torchrun --nproc_per_node 2 tests/dist/lean_worker.py resume ROOT
 
 ``train``: ROOT/ds3 (max_steps 3, preempted by SIGTERM after step 2: checkpoint step 2),
-ROOT/ds3-ref (the same 3 steps uninterrupted) and ROOT/ds3-changed (2 steps).
+ROOT/ds3-ref (the same 3 steps uninterrupted), ROOT/ds3-changed (2 steps) and ROOT/loqt-ds3 (LoQT, 2 steps,
+a merge after each: its trained buffers must be saved once, not in the DeepSpeed payload).
 ``resume``: ROOT/ds3 resumes to step 3 (the test compares it with ds3-ref bit for bit); ROOT/ds3-changed,
 whose base model the test has changed, must be refused on every rank (each writes
 ``ROOT/refused_rank<r>.txt`` with the error), then resumes with ``train.accept_changed_base_model: true``.
@@ -23,11 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 QUANT = {"bits": 3, "group_size": 32, "symmetric": False}  # asymmetric: zero-points exercised
 TOKENIZER = REPO / "tests" / "fixtures" / "lm_eval_task" / "byte_tokenizer"
-RUNS = {"ds3": "base", "ds3-ref": "base", "ds3-changed": "base-changed"}  # run dir -> base-model dir under ROOT
+RUNS = {"ds3": "base", "ds3-ref": "base", "ds3-changed": "base-changed", "loqt-ds3": "base"}  # run -> base dir
+LOQT = {"method": "loqt", "rank": 4, "range_init": "minmax", "loqt_tau": 1, "loqt_scale": 0.5, "loqt_error_comp": 1}
 
 
 def job(root: Path, run: str, **train) -> dict:
-    return job_dict(root / run, dist={"engine": "deepspeed", "zero_stage": 3}, quant=QUANT,
+    return job_dict(root / run, dist={"engine": "deepspeed", "zero_stage": 3}, quant=LOQT if "loqt" in run else QUANT,
                     model={"path": str(root / RUNS[run]), "config": None, "tokenizer": str(TOKENIZER)},
                     train={"max_steps": STEPS, "val_every": 0, **train})
 
@@ -49,6 +51,7 @@ def main(mode: str, root: Path) -> None:
                      builders=synthetic_builders(), on_step=preempt).preempted
         train(config_from_dict(job(root, "ds3-ref", max_steps=STEPS + 1)), resume="none", builders=synthetic_builders())
         train(config_from_dict(job(root, "ds3-changed")), resume="none", builders=synthetic_builders())
+        train(config_from_dict(job(root, "loqt-ds3")), resume="none", builders=synthetic_builders())
         return
     assert train(config_from_dict(job(root, "ds3", max_steps=STEPS + 1)), resume="auto",
                  builders=synthetic_builders()).step == STEPS + 1
