@@ -23,6 +23,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     single = checks["engines"]["rows"]["single"]
     assert single["resumed"]["steps"] == [3, 8] and single["resume_bit_identical"] and single["n_trainable"] > 0
     assert single["uninterrupted"]["dtypes"]["trainable"] == ["torch.float32"]
+    assert single["cpu_rebuild_fingerprint"] == "match"  # export's frozen-state check on the trained checkpoint
     assert all(r["fold_codes_equal"] for r in checks["device_exactness"]["rows"])
     mem = checks["memory"]["rows"][0]  # planner vs the measured peak RSS of two CPU steps
     assert mem["measured_rss_gib"] > 0 and abs(mem["err_measured"]) <= 0.10

@@ -329,6 +329,23 @@ def _setup_dtypes(module, dtype: str) -> dict:
             "ok": trainable == ["torch.float32"] and frozen == [str(want)]}
 
 
+def _cpu_rebuild_check(ckpt: Path) -> str:
+    """Export's check on a checkpoint this device trained: the frozen state rebuilt on the CPU in fp32
+    against the fingerprint the run saved; ``"match"`` or the refusal's message."""
+    import torch
+
+    from lrqat_dist.checkpoint import read_meta
+    from lrqat_dist.export.run import checkpoint_config, verify_frozen_state
+    from lrqat_dist.model.frozen_state import FrozenStateMismatch
+    from lrqat_dist.train.build import build_model
+
+    try:
+        verify_frozen_state(build_model(checkpoint_config(ckpt), "cpu", torch.float32), ckpt, read_meta(ckpt))
+    except FrozenStateMismatch as e:
+        return str(e)
+    return "match"
+
+
 def engine_worker(engine: str, out: Path, device: str, dtype: str, ckpt: bool) -> dict:
     """Both runs of one engine in this process (under torchrun for the distributed engines)."""
     import signal
@@ -365,8 +382,11 @@ def engine_worker(engine: str, out: Path, device: str, dtype: str, ckpt: bool) -
     resumed, got = run("resumed", 3)
     same = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     moved = any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if k.endswith("lora_B"))
+    cpu_rebuild = _cpu_rebuild_check(list_checkpoints(out / "resumed")[-1][1])
     return {"uninterrupted": plain, "resumed": resumed, "resume_bit_identical": same, "n_trainable": len(got),
-            "ok": same and moved and resumed["steps"] == [3, 8] and plain["dtypes"]["ok"] and resumed["dtypes"]["ok"]}
+            "cpu_rebuild_fingerprint": cpu_rebuild,
+            "ok": same and moved and resumed["steps"] == [3, 8] and plain["dtypes"]["ok"] and resumed["dtypes"]["ok"]
+            and cpu_rebuild == "match"}
 
 
 def check_engines(device, smoke: bool, out: Path) -> dict:
