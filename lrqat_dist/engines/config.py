@@ -80,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be > 0 or null (no clipping), got {self.grad_clip}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.dtype == "float16":
+            raise ValueError("dtype: float16 is refused: fp16 activations and gradients underflow without "
+                             "loss scaling, which this trainer does not do; use bfloat16 (GPUs with bf16 "
+                             "support, Ampere and newer) or float32 (older GPUs; what 'auto' picks there)")
         if self.device not in DEVICES:
             raise ValueError(f"device: unknown {self.device!r}; expected one of {', '.join(DEVICES)}")
 
@@ -98,6 +102,8 @@ class DistConfig:
                        DeepSpeedCPUAdam when offloaded: faster, JIT-compiled on first use).
     cpu_shm_comm:      build DeepSpeed's shared-memory collectives on CPU (a ~65 s JIT compile on first use).
     reshard_after_forward: FSDP2: free unsharded parameters after forward (re-gathered for backward).
+    timeout_minutes:   how long any collective may wait for the other ranks (every engine's process group,
+                       gloo and nccl); a rank that died or hangs ends the job after at most this long.
     """
 
     engine: str = "none"
@@ -108,6 +114,7 @@ class DistConfig:
     ds_optimizer: str = "torch"
     cpu_shm_comm: bool = False
     reshard_after_forward: bool = True
+    timeout_minutes: float = 30.0
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -118,6 +125,8 @@ class DistConfig:
             raise ValueError(f"backend: unknown {self.backend!r}")
         if self.ds_optimizer not in ("torch", "deepspeed"):
             raise ValueError(f"ds_optimizer: expected 'torch' or 'deepspeed', got {self.ds_optimizer!r}")
+        if not self.timeout_minutes > 0:
+            raise ValueError(f"timeout_minutes: must be > 0, got {self.timeout_minutes}")
         if self.offload_optimizer and self.engine == "deepspeed" and self.zero_stage == 0:
             raise ValueError("offload_optimizer: needs dist.zero_stage >= 1")
 

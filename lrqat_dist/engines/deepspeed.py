@@ -40,7 +40,7 @@ from torch import nn
 from ..model.frozen_state import frozen_state_left_out
 from .base import Engine, next_token_loss
 from .config import DistConfig, EngineConfig, TrainConfig
-from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
+from .env import DistEnv, claim_device, default_backend, local_rank, process_group_timeout, standalone_env
 from .optim import build_optimizer, build_scheduler
 
 DS_DIR = "deepspeed"
@@ -120,7 +120,8 @@ class DeepSpeedEngine(Engine):
         warnings.filterwarnings("ignore", r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                                 r"is deprecated", FutureWarning)
         os.environ.update(standalone_env())  # plain `python launch/train.py`: a one-process job
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=process_group_timeout(cfg.dist))
         import torch.distributed as dist
 
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)

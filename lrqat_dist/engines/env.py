@@ -3,19 +3,31 @@ the loop needs.
 
 Launchers (``torchrun``, the ``deepspeed`` launcher, SLURM wrappers) describe the job in the
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); nothing
-node-specific is hard-coded here.
+node-specific is hard-coded here. MPI-style launchers (``mpirun``, ``deepspeed --launcher openmpi``,
+``srun`` without torchrun) set no ``LOCAL_RANK`` before the process group exists: the local rank is then
+read from the MPI / SLURM variables (:data:`LOCAL_RANK_VARS`), so each process claims its own GPU.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
 from ..dtypes import DTYPES
-from .config import TrainConfig
+from .config import DistConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# Where launchers put a process's rank on its node, first found wins: torchrun / the deepspeed launcher,
+# Open MPI (mpirun, deepspeed --launcher openmpi), MVAPICH2, Intel MPI / MPICH (hydra), SLURM (srun).
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "SLURM_LOCALID")
 
 
 def launched_world_size() -> int:
@@ -23,8 +35,25 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+def local_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node: the first of :data:`LOCAL_RANK_VARS` that is set (0 if none).
+
+    ``LOCAL_RANK`` (torchrun, the deepspeed launcher) wins; without it (MPI-style launchers set it only
+    inside ``init_distributed``, after the device was claimed) the MPI / SLURM variable is used."""
+    env = os.environ if environ is None else environ
+    for key in LOCAL_RANK_VARS:
+        value = env.get(key)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{key}={value!r}: expected an integer local rank") from None
+    return 0
+
+
+def process_group_timeout(d: DistConfig) -> timedelta:
+    """``dist.timeout_minutes`` as the timeout of every collective of the process group."""
+    return timedelta(minutes=d.timeout_minutes)
 
 
 def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
@@ -39,13 +68,28 @@ def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (CUDA: compute capability 8.0+, i.e.
+    ``torch.cuda.is_bf16_supported``; the CPU is not asked: ``auto`` picks fp32 there anyway)."""
+    if device.type != "cuda":
+        return False
+    return bool(torch.cuda.is_bf16_supported())
+
+
 def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
-    """``train.dtype`` = compute dtype of the frozen model and activations; ``auto``: bf16 on GPU, fp32 on CPU.
+    """``train.dtype`` = compute dtype of the frozen model and activations; ``auto``: bf16 on a GPU that
+    supports it, else fp32 (CPU, and GPUs older than Ampere: fp16 is refused, it needs loss scaling).
 
     The trainable tensors (A, B, s) stay fp32 Parameters whatever this is: they are their own masters.
     """
     if train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        if bf16_supported(device):
+            return torch.bfloat16
+        logger.warning("train.dtype=auto: %s has no bfloat16 support; computing in float32 (float16 is "
+                       "refused: it would need loss scaling)", device)
+        return torch.float32
     return DTYPES[train.dtype]
 
 

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 from .base import decoder_layers, next_token_loss
 from .config import EngineConfig
-from .env import DistEnv, claim_device, default_backend, local_rank, standalone_env
+from .env import DistEnv, claim_device, default_backend, local_rank, process_group_timeout, standalone_env
 from .torch_optim import TorchOptimizerEngine
 
 DCP_DIR = "dcp"
@@ -41,7 +41,7 @@ class FSDP2Engine(TorchOptimizerEngine):
         if not dist.is_initialized():
             backend = default_backend(device) if cfg.dist.backend == "auto" else cfg.dist.backend
             os.environ.update(standalone_env())
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=process_group_timeout(cfg.dist))
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank(), device)
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
