@@ -177,3 +177,37 @@ def test_builder_seeds_prepare_and_refuses_two_sources(tmp_path):
         build_prepared_model(q)
     with pytest.raises(ValueError, match="prepare_fn needs lean=False"):
         build_prepared_model(q, config=cfg, lean=True, prepare_fn=lambda m: m)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_unquantized_from_a_bf16_checkpoint_trains_fp32_masters(tmp_path, tied):
+    """Embeddings, norms and lm_head stored in bf16 become fp32 trainable parameters (no bf16
+    trainable left: AdamW would round its updates away, FSDP2 refuses mixed dtypes), on the lean and
+    the eager path alike; the activations stay in the compute dtype and the gradients reach them."""
+    path = _tiny_saved(tmp_path, tied, torch.bfloat16)
+    job = load_config(base={"model": {"path": str(path)},
+                            "quant": {"method": "lrqat", "downcast": "fixed", "rank": 4, "train_unquantized": True},
+                            "train": {"output_dir": str(tmp_path / "run"), "dtype": "bfloat16"}})
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    built = {"trainer": build_model(job),
+             "eager": build_prepared_model(job.quant, path=path, dtype=torch.bfloat16, lean=False)}
+    for how, model in built.items():
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert {"model.embed_tokens.weight", "model.norm.weight"} <= trainable.keys(), how
+        assert {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32} == {}, how
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        # the stored bf16 values, exactly, as fp32
+        raw = load_causal_lm(path=path, dtype="auto")
+        assert raw.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert torch.equal(model.model.embed_tokens.weight, raw.model.embed_tokens.weight.float())
+        seen = {}
+        model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.update(q=a[0].dtype))
+        model.model.norm.register_forward_hook(lambda m, a, out: seen.update(norm=out.dtype))
+        logits = model(input_ids=ids).logits
+        assert seen == {"q": torch.bfloat16, "norm": torch.bfloat16} and logits.dtype == torch.bfloat16, how
+        next_token_loss(logits, ids).backward()
+        for name in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"):
+            g = trainable[name].grad
+            assert g is not None and g.dtype == torch.float32 and g.abs().sum() > 0, (how, name)
+    a, b = built["trainer"], built["eager"]
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -16,6 +16,7 @@ from torch import nn
 from ..methods import QATConfig
 from .lean_load import LeanLoadUnsupported, lean_build, lean_loadable
 from .loading import load_causal_lm
+from .masters import fp32_masters_
 from .patch import prepare
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
     read in its stored dtype (random init: fp32) and prepared from that, under ``torch.manual_seed(
     init_seed)`` (the adapters' random init, drawn on the CPU: the same on every rank), so the frozen
     buffers do not depend on the compute ``dtype``; afterwards the remaining frozen float parameters
-    (embeddings, norms, lm_head) are cast to ``dtype``.
+    (embeddings, norms, lm_head) are cast to ``dtype``, and trainable ones (``quant.train_unquantized``)
+    become fp32 masters computing in fp32 inside a ``dtype`` model (:mod:`lrqat_dist.model.masters`).
 
     ``lean``: ``None`` (default) builds a local safetensors directory one weight at a time
     (:func:`~lrqat_dist.model.lean_load.lean_build`; equal bit for bit, never the whole float model on
@@ -57,8 +59,10 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
         fallback = False
     if lean:
         try:
-            return lean_build(quant, path=path, config=config, device=device, dtype=dtype, init_seed=init_seed,
-                              attn_implementation=attn_implementation)
+            model = lean_build(quant, path=path, config=config, device=device, dtype=dtype, init_seed=init_seed,
+                               attn_implementation=attn_implementation)
+            fp32_masters_(model, dtype)
+            return model
         except LeanLoadUnsupported as e:
             if not fallback:
                 raise
@@ -78,5 +82,6 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
+    fp32_masters_(model, dtype)  # train_unquantized from a bf16/fp16 checkpoint: fp32 masters
     model.config.use_cache = False
     return model
