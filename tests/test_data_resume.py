@@ -76,7 +76,32 @@ def test_resume_with_sparse_worker_snapshots(corpus, tokenizer):
     # Workers send their state only every 4th batch; a resume replays the rest.
     cfg = DataConfig(train_files=corpus, seq_len=SEQ, num_workers=2, state_every=4, shuffle_buffer=3)
     for _, sd in _check_resume(cfg, tokenizer, world=1, stop_at=11, more=12):
-        assert any(w["replay"] > 0 for w in sd["workers"])
+        assert any(w["replay_blocks"] > 0 for w in sd["workers"])
+
+
+@pytest.mark.parametrize("new_mbs", [1, 3])
+def test_resume_with_another_micro_batch_size_and_sparse_snapshots(corpus, tokenizer, new_mbs):
+    """A changed train.micro_batch_size with data.state_every > 1: each worker replays the blocks it
+    handed out after its last snapshot (not that many batches of the new size), so every worker's
+    block stream continues exactly where it stopped."""
+    cfg = DataConfig(train_files=corpus, seq_len=SEQ, num_workers=2, state_every=4, shuffle_buffer=3)
+    # Each worker's own block stream: with 1-block batches the workers alternate block by block.
+    ref = [b["input_ids"][0] for _, b in zip(range(80), build_train_loader(cfg, tokenizer, 1, seed=5))]
+    stream = {w: ref[w::2] for w in (0, 1)}
+    loader = build_train_loader(cfg, tokenizer, MBS, seed=5)
+    it = iter(loader)
+    for _ in range(11):  # worker 0 handed out 6 batches (12 blocks), worker 1 five (10 blocks)
+        next(it)
+    sd = _roundtrip(loader.state_dict())
+    assert sd["micro_batch_size"] == MBS and [w["replay_blocks"] for w in sd["workers"]] == [MBS, 0]  # worker 0: 1 batch after its snapshot at its 5th
+    resumed = build_train_loader(cfg, tokenizer, new_mbs, seed=5)
+    resumed.load_state_dict(sd)
+    used = {0: 6 * MBS, 1: 5 * MBS}
+    for i, batch in zip(range(8), resumed):
+        w = (11 + i) % 2  # the round-robin continues with worker 1
+        want = torch.stack(stream[w][used[w]:used[w] + new_mbs])
+        assert torch.equal(batch["input_ids"], want), f"batch {i} after the resume (worker {w})"
+        used[w] += new_mbs
 
 
 def test_resume_twice_and_reiterate(corpus, tokenizer):

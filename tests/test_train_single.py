@@ -131,6 +131,28 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, monkeypatc
     assert [p.name for p in sorted(root.iterdir())] == ["step_00000004", "step_00000006", "step_00000099"]
 
 
+def test_resume_with_changed_max_steps_warns_about_the_schedule(tmp_path, caplog):
+    """The scheduler state is a step count; the schedule's shape comes from the current train.max_steps.
+    A resume with another max_steps reshapes the LR schedule: logged, with the factor before/after."""
+    job = job_dict(tmp_path, train={"max_steps": 4, "val_every": 0})  # lr 1e-2, warmup_ratio 0.25
+    first = train(config_from_dict(job), resume="none", builders=synthetic_builders(), on_step=_kill_at(2))
+    assert first.preempted and first.step == 2
+    with caplog.at_level(logging.WARNING, logger="lrqat_dist.train.loop"):
+        assert train(config_from_dict(job), resume="auto", builders=synthetic_builders()).step == 4
+    assert "changed LR schedule" not in caplog.text  # same max_steps: nothing to say
+    caplog.clear()
+    job["train"]["max_steps"] = 8
+    with caplog.at_level(logging.WARNING, logger="lrqat_dist.train.loop"):
+        assert train(config_from_dict(job), resume="auto", builders=synthetic_builders()).step == 8
+    # saved: warmup 1 step, decay ends at step 4 (factor 0 after 4 steps); now warmup 2, decay to step 8.
+    # Step 5 runs at the lr restored with the optimizer (0), step 6 at the new 1 - (5 - 2) / (8 - 2).
+    assert ("resuming after step 4 with a changed LR schedule (train.max_steps 4 -> 8): warmup 1 -> 2 steps, "
+            "decay to train.min_lr_ratio at step 4 -> 8; the schedule is recomputed for the new values: step 5 "
+            "runs at the restored lr factor 0, step 6 at 0.5 (the saved schedule: 0)") in caplog.text
+    lrs = series(tmp_path, "lr")  # as the warning says
+    assert lrs[4] == pytest.approx(1e-2 / 3) and lrs[5] == 0 and lrs[6] == pytest.approx(1e-2 / 2)
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     job = job_dict(tmp_path, train={"max_steps": 1, "val_every": 0})
     train(config_from_dict(job), resume="none", builders=synthetic_builders())

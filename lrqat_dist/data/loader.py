@@ -6,7 +6,9 @@ reach the main process round-robin over workers (``torch.utils.data.DataLoader``
 order), and the main process records, per worker, the state of the last batch it *handed to
 the caller*: batches a worker prefetched but nobody consumed are not in the saved state, and
 are produced again after a resume. On resume the worker that is next in the round-robin is
-made physical worker 0, so the order continues exactly.
+made physical worker 0, so the order continues exactly. What a worker replays after its last state
+is counted in blocks (``replay_blocks``), not batches, so a resume with another micro-batch size
+replays exactly the blocks that were consumed.
 """
 
 from __future__ import annotations
@@ -105,8 +107,7 @@ class _RankWorkers(IterableDataset):
         saved = self.resume[logical]
         if saved["state"] is not None:
             reader.load_state_dict(saved["state"])
-        for _ in range(saved["replay"]):
-            reader.next_batch(self.mbs)
+        _replay(reader, saved["replay_blocks"])
         every = self.spec.cfg.state_every
         n = 0
         while True:
@@ -114,6 +115,12 @@ class _RankWorkers(IterableDataset):
             state = reader.state_dict() if n % every == 0 else None
             n += 1
             yield logical, batch, state, reader.skip_counts()
+
+
+def _replay(reader: ReaderStream, blocks: int) -> None:
+    """Skip the ``blocks`` blocks consumed after ``reader``'s restored state."""
+    for _ in range(blocks):
+        reader.next_block()
 
 
 class TrainLoader:
@@ -134,9 +141,9 @@ class TrainLoader:
         self._live: Optional[object] = None
 
     @staticmethod
-    def _fresh_slot(state: Optional[dict] = None, replay: int = 0) -> dict:
+    def _fresh_slot(state: Optional[dict] = None, replay_blocks: int = 0) -> dict:
         skips = dict(state["skips"]) if state is not None else dict.fromkeys(SKIP_KINDS, 0)
-        return {"state": state, "replay": replay, "skips": skips}
+        return {"state": state, "replay_blocks": replay_blocks, "skips": skips}
 
     @property
     def micro_batch_size(self) -> int:
@@ -164,8 +171,7 @@ class TrainLoader:
         reader = ReaderStream(self._spec, self._tokenizer, self._rank)
         if slot["state"] is not None:
             reader.load_state_dict(slot["state"])
-        for _ in range(slot["replay"]):
-            reader.next_batch(self._mbs)
+        _replay(reader, slot["replay_blocks"])
         self._inproc = reader
         while True:
             self._check_live(token)
@@ -174,7 +180,7 @@ class TrainLoader:
             yield {"input_ids": batch}
 
     def _iter_workers(self, token: object) -> Iterator[dict[str, torch.Tensor]]:
-        resume = [{"state": w["state"], "replay": w["replay"]} for w in self._workers]
+        resume = [{"state": w["state"], "replay_blocks": w["replay_blocks"]} for w in self._workers]
         dataset = _RankWorkers(
             self._spec, self._tokenizer, self._mbs, self._rank, resume, self._consumed % self._slots
         )
@@ -196,9 +202,9 @@ class TrainLoader:
                     )
                 slot = self._workers[logical]
                 if state is not None:
-                    slot["state"], slot["replay"] = state, 0
+                    slot["state"], slot["replay_blocks"] = state, 0
                 else:
-                    slot["replay"] += 1
+                    slot["replay_blocks"] += len(batch)
                 slot["skips"] = skips
                 self._consumed += 1
                 yield {"input_ids": batch}
@@ -236,7 +242,8 @@ class TrainLoader:
             "seed": self._spec.seed,
             "source": self._spec.source_id,
             "consumed": self._consumed,
-            "workers": [{"state": w["state"], "replay": w["replay"]} for w in self._workers],
+            "micro_batch_size": self._mbs,
+            "workers": [{"state": w["state"], "replay_blocks": w["replay_blocks"]} for w in self._workers],
         }
 
     def _sync_inproc_copy(self) -> None:
@@ -262,7 +269,17 @@ class TrainLoader:
         self._live = None
         self._inproc = None
         self._consumed = int(sd["consumed"])
-        self._workers = [self._fresh_slot(w["state"], int(w["replay"])) for w in sd["workers"]]
+        # States written before replay was counted in blocks hold "replay" batches and no
+        # "micro_batch_size": the current one is assumed (what those versions did).
+        saved_mbs = int(sd.get("micro_batch_size", self._mbs))
+        self._workers = [
+            self._fresh_slot(w["state"], int(w["replay_blocks"]) if "replay_blocks" in w
+                             else int(w["replay"]) * saved_mbs)
+            for w in sd["workers"]
+        ]
+        if saved_mbs != self._mbs:
+            logger.info("data loader state: micro_batch_size %d -> %d; replaying %d blocks after the saved "
+                        "reader states", saved_mbs, self._mbs, sum(w["replay_blocks"] for w in self._workers))
 
 
 class ValLoader:

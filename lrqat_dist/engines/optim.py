@@ -73,6 +73,24 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+SCHEDULE_KEYS = ("max_steps", "warmup_ratio", "schedule", "min_lr_ratio")
+
+
+def schedule_change(saved: TrainConfig, now: TrainConfig, step: int) -> str | None:
+    """Why the LR schedule of a run resumed after ``step`` optimizer steps is not the one it was saved
+    with (the scheduler state holds only the step count; the shape comes from the current ``train:``
+    keys), or None when the keys that shape it are unchanged."""
+    changed = [k for k in SCHEDULE_KEYS if getattr(saved, k) != getattr(now, k)]
+    if not changed:
+        return None
+    what = ", ".join(f"train.{k} {getattr(saved, k)!r} -> {getattr(now, k)!r}" for k in changed)
+    return (f"resuming after step {step} with a changed LR schedule ({what}): warmup "
+            f"{warmup_steps(saved)} -> {warmup_steps(now)} steps, decay to train.min_lr_ratio at step "
+            f"{saved.max_steps} -> {now.max_steps}; the schedule is recomputed for the new values: step "
+            f"{step + 1} runs at the restored lr factor {lr_factor(saved)(step):.6g}, step {step + 2} at "
+            f"{lr_factor(now)(step + 1):.6g} (the saved schedule: {lr_factor(saved)(step + 1):.6g})")
+
+
 def windowed(factor: Callable[[int], float], window: tuple[int, int | None] | None) -> Callable[[int], float]:
     """``factor`` inside ``[start, end)`` (0-based optimizer steps), 0 outside; ``window=None``: always on."""
     if window is None:

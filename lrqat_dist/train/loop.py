@@ -10,6 +10,7 @@ holds a half-accumulated step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from ..checkpoint import (CHECKPOINTS, CONFIG_FILE, TOKENIZER_DIR, Checkpointer,
                           require_meta, resolve_resume, restore_rng)
 from ..data import build_train_loader, build_val_loader
 from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
+from ..engines.optim import SCHEDULE_KEYS, schedule_change
 from ..methods.hooks import group_windows, training_hooks
 from ..model.frozen_state import check_frozen_fingerprint, frozen_fingerprint
 from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing
@@ -185,6 +187,8 @@ class Trainer:
             self.train_loader.load_state_dict(rank_state["data"])
             restore_rng(rank_state["rng"], env.device)
             step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
+            if env.is_main:
+                self._warn_schedule_change(Path(ckpt), step)
         metrics = MetricsLogger(self.output_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress_bar,
                                 step, cfg.train.max_steps)
         last_ckpt, preempted = ckpt, False
@@ -222,6 +226,16 @@ class Trainer:
             metrics.close()
             self.engine.close()
         return TrainResult(step=step, preempted=preempted, checkpoint=last_ckpt, output_dir=self.output_dir)
+
+    def _warn_schedule_change(self, ckpt: Path, step: int) -> None:
+        """A resume with another train.max_steps (or warmup/schedule/min_lr_ratio) silently reshapes the
+        LR schedule from the resumed step on: say so, with the lr factor before and after."""
+        path = ckpt / CONFIG_FILE
+        saved = (parse_yaml(path.read_text()) or {}).get("train") or {} if path.is_file() else {}
+        old = {k: saved[k] for k in SCHEDULE_KEYS if k in saved}
+        message = schedule_change(dataclasses.replace(self.cfg.train, **old), self.cfg.train, step)
+        if message:
+            logger.warning("%s: %s", ckpt, message)
 
     def _train_step(self, batches, window: _Window) -> tuple[float | None, dict[str, float]]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (grad norm, lrs it used)."""
