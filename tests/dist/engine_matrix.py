@@ -6,6 +6,9 @@ Per engine ``E`` the run lives in ``OUT_ROOT/E``. Phase 1 trains from scratch an
 optimizer step ``--kill-at``, rank 0 alone sends itself SIGTERM (a real signal: all ranks must agree
 to stop at that step, save and return). Phase 2 resumes with ``resume=auto`` and trains to ``train.max_steps``. One launch covers
 all engines because each launch costs 10-20 s of start-up here. Results: ``OUT_ROOT/E/result.json``.
+``--reference``: also train ``E`` uninterrupted into ``OUT_ROOT/E-ref`` (same world size), to compare
+the resumed run with bit for bit. Every rank writes where the launcher placed it (``RANK``,
+``LOCAL_RANK``, ``GROUP_RANK`` = node) to ``OUT_ROOT/rank_<RANK>.json``.
 """
 from __future__ import annotations
 
@@ -37,11 +40,15 @@ def main() -> None:
     p.add_argument("--engines", default="ds2,ds3,fsdp2")
     p.add_argument("--kill-at", type=int, default=3)
     p.add_argument("--train", default="{}", help="JSON updates of the train section")
+    p.add_argument("--reference", action="store_true", help="also train each engine uninterrupted (E-ref)")
     args = p.parse_args()
     from lrqat_dist.train import train
     from lrqat_dist.train.config import config_from_dict
 
     rank = int(os.environ["RANK"])
+    Path(args.out_root).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_root) / f"rank_{rank}.json").write_text(json.dumps(
+        {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}))
     for name in args.engines.split(","):
         out = Path(args.out_root) / name
         dist_section, train_section = ENGINES[name]
@@ -56,6 +63,10 @@ def main() -> None:
         t1 = time.perf_counter()
         second = train(cfg, resume="auto", builders=synthetic_builders())
         t2 = time.perf_counter()
+        if args.reference:
+            ref_cfg = config_from_dict(job_dict(Path(args.out_root) / f"{name}-ref", dist=dist_section,
+                                                train={**train_section, **json.loads(args.train)}))
+            train(ref_cfg, resume="none", builders=synthetic_builders())
         if rank == 0:
             (out / "result.json").write_text(json.dumps({
                 "seconds": [t1 - t0, t2 - t1],

@@ -8,6 +8,7 @@ must end promptly with a non-zero exit and rank 1's error in the output.
 ``hang``: rank 1 stops answering (sleeps with SIGTERM/SIGINT at their default action, as a process
 stuck in a kernel or a dead filesystem would not run Python signal handlers): rank 0's next
 collective must fail after ``dist.timeout_minutes``, and torchrun then ends rank 1.
+Rank 1 writes the wall-clock time of its failure to ``OUT/failed_at``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main() -> None:
 
     def fail(step):
         if step == 1 and rank == 1:
+            (Path(args.out) / "failed_at").write_text(repr(time.time()))  # when the job starts to fail
             if args.mode == "raise":
                 raise RuntimeError(MESSAGE)
             for sig in (signal.SIGTERM, signal.SIGINT):
