@@ -31,7 +31,9 @@ REAL_MODEL_FIXTURES = {"smollm2_weights", "smollm2_tokenizer", "smollm2_bpe_toke
 SLOW_TESTS = {("test_memory_plan.py", "test_planner_within_15_percent_of_a_measured_cpu_step"),
               ("test_gguf_smollm2.py", "test_smollm2_w4pc_gguf_exact_and_llama_cpp_ppl"),
               # inductor's first compile: 8 s with a warm compile cache, 13 s cold on 2 cores
-              ("test_fast_backward.py", "test_compiled_rebuild_is_bit_identical_and_gives_the_same_gradients")}
+              ("test_fast_backward.py", "test_compiled_rebuild_is_bit_identical_and_gives_the_same_gradients"),
+              # FSDP2 in one process, bf16 on the CPU: 10 s on 2 busy cores
+              ("test_train_single.py", "test_fsdp2_trains_unquantized_from_a_bf16_checkpoint")}
 NOT_FAST = ("multiprocess", "subprocess", "real_model", "slow")
 
 

@@ -51,9 +51,16 @@ def test_claim_device_under_mpirun_takes_the_local_gpu(monkeypatch):
 
 @pytest.mark.parametrize("bf16, want", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_follows_bf16_support(monkeypatch, bf16, want):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     train = TrainConfig(output_dir="x", dtype="auto")
     assert resolve_dtype(train, torch.device("cuda", 0)) == want
+    assert asked == [False]  # native bf16 only: pre-Ampere GPUs "support" it by emulation
     assert resolve_dtype(train, torch.device("cpu")) == torch.float32
     # an explicit choice is taken as it is
     assert resolve_dtype(TrainConfig(output_dir="x", dtype="bfloat16"), torch.device("cuda", 0)) == torch.bfloat16

@@ -1,6 +1,7 @@
 """Single-process training: exact resume, atomic checkpoints, preemption, the CLI on configs/tiny-cpu.yaml."""
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -211,3 +212,37 @@ def test_deepspeed_offload_in_one_plain_process(tmp_path):
         os.environ.update(saved_env)
     a, b = series(tmp_path / "none"), series(tmp_path / "deepspeed")
     assert sorted(a) == [1, 2, 3, 4] and max(abs(a[s] - b[s]) for s in a) <= 1e-5
+
+
+def test_fsdp2_trains_unquantized_from_a_bf16_checkpoint(tmp_path):
+    """quant.train_unquantized on a bf16 checkpoint under FSDP2 (one plain process): the embeddings,
+    norms and lm_head are fp32 masters like A, B, s. Before, they kept bf16 and fully_shard refused
+    the layer ("FSDP expects uniform original parameter dtype but got {bfloat16, float32}")."""
+    import torch.distributed as dist
+
+    from lrqat_dist.model import load_causal_lm
+    from train_common import VOCAB
+
+    base = tmp_path / "base"
+    load_causal_lm(config={**job_dict(tmp_path)["model"]["config"], "tie_word_embeddings": False},
+                   dtype=torch.bfloat16, seed=1).save_pretrained(base)
+    job = job_dict(tmp_path / "run", dist={"engine": "fsdp2"}, quant={"train_unquantized": True},
+                   train={"max_steps": 3, "val_every": 0, "dtype": "bfloat16"})
+    job["model"] = {"path": str(base), "tokenizer": "unused-by-synthetic-data"}
+    saved_env = dict(os.environ)
+    try:
+        assert train(config_from_dict(job), resume="none", builders=synthetic_builders()).step == 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+    ckpt = tmp_path / "run/checkpoints/step_00000003"
+    trained = load_file(ckpt / "trainable.safetensors")
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= trained.keys()
+    assert trained["model.embed_tokens.weight"].shape == (VOCAB, 64)
+    # they trained: the fp32 embeddings moved off the bf16 grid they started on
+    emb = trained["model.embed_tokens.weight"]
+    assert not torch.equal(emb, emb.bfloat16().float())
+    losses = series(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())

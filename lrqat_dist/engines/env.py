@@ -69,11 +69,12 @@ def resolve_device(train: TrainConfig, local_rank: int = 0) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively (CUDA: compute capability 8.0+, i.e.
-    ``torch.cuda.is_bf16_supported``; the CPU is not asked: ``auto`` picks fp32 there anyway)."""
+    """Whether ``device`` computes in bfloat16 natively (CUDA: compute capability 8.0+). Emulation does
+    not count: ``torch.cuda.is_bf16_supported()`` says True on older GPUs too unless told
+    ``including_emulation=False``. The CPU is not asked: ``auto`` picks fp32 there anyway."""
     if device.type != "cuda":
         return False
-    return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
