@@ -108,4 +108,4 @@ def test_hung_rank_ends_the_job_at_the_timeout(tmp_path, engine):
     assert rc != 0 and "Timed out waiting 6000ms" in log, log[-4000:]
     # the 6 s timeout, rank 0 exits with the error, torchrun stops rank 1. Measured from rank 1's hang
     # to the end of torchrun, 2-core machine under load: 11 s (FSDP2), 20 s (DeepSpeed ZeRO-3)
-    assert 6 <= seconds < 50, (seconds, log[-4000:])
+    assert 5 <= seconds < 50, (seconds, log[-4000:])  # (5: rank 0 may start waiting just before)
