@@ -77,6 +77,22 @@ def test_export_tool_on_a_run(tmp_path, capsys):
     assert tool.main([str(tmp_path / "run"), "--step", "3", "--format", "native", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_a_run_trained_in_float16_still_exports(tmp_path):
+    """train.dtype float16 is refused for training now (no loss scaling); a checkpoint trained with it
+    before still loads for export (rebuilt in fp32, as every export is)."""
+    from lrqat_dist.checkpoint import CONFIG_FILE
+    from lrqat_dist.export.run import checkpoint_config, load_run
+
+    model = fake_run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000007"
+    text = (ckpt / CONFIG_FILE).read_text()
+    assert "dtype: auto" in text
+    (ckpt / CONFIG_FILE).write_text(text.replace("dtype: auto", "dtype: float16"))
+    assert checkpoint_config(ckpt).train.dtype == "float32"
+    loaded = load_run(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.parameters(), model.parameters()))
+
+
 def test_eval_tool_on_a_run(tmp_path, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")  # the tool sets them; restored after the test

@@ -19,7 +19,7 @@ from ..checkpoint import (TOKENIZER_DIR, config_file, load_trainable_, load_trai
                           require_meta, resolve_checkpoint, run_dir)
 from ..model.frozen_state import OVERRIDE_FLAG, check_frozen_fingerprint, fingerprint_param_dtype, frozen_fingerprint
 from ..train.build import build_model, build_tokenizer
-from ..train.config import JobConfig, load_config
+from ..train.config import JobConfig, load_config, parse_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,16 @@ class LoadedRun:
 
 
 def checkpoint_config(ckpt: Path) -> JobConfig:
-    """The resolved config a checkpoint was trained with (its own copy, else the run's)."""
-    return load_config(config_file(ckpt))
+    """The resolved config a checkpoint was trained with (its own copy, else the run's).
+
+    A run trained with ``train.dtype: float16`` before that was refused (it has no loss scaling) still
+    exports: its ``train.dtype`` is read as float32, the dtype every export rebuilds the model in."""
+    raw = parse_yaml(config_file(ckpt).read_text()) or {}
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and train.get("dtype") == "float16":
+        logger.info("%s: trained with train.dtype=float16 (refused for training now); read as float32", ckpt)
+        train["dtype"] = "float32"
+    return load_config(base=raw)
 
 
 def verify_frozen_state(model: nn.Module, ckpt: Path, meta: dict, accept_changed_base_model: bool = False,
