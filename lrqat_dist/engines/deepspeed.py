@@ -193,12 +193,17 @@ class DeepSpeedEngine(Engine):
         """``ds.step()`` at the boundary with the optimizer's update replaced by nothing, reported as an
         overflow: DeepSpeed then skips the LR scheduler, zeroes the gradients and keeps its counters."""
         opt = self.ds.optimizer
+        saved = {k: vars(opt)[k] for k in ("step", "overflow") if k in vars(opt)}
         opt.step = lambda *args, **kwargs: None
         opt.overflow = True
         try:
             self.ds.step()
         finally:
-            del opt.step, opt.overflow
+            for k in ("step", "overflow"):
+                if k in saved:
+                    setattr(opt, k, saved[k])
+                else:
+                    delattr(opt, k)
 
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
