@@ -203,3 +203,24 @@ def test_data_workers_ignore_sigterm_and_sigint(tmp_path, tokenizer):  # noqa: F
     got += [next(it)["input_ids"] for _ in range(5)]
     assert all(Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "RS" for pid in workers)  # alive
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_every_checkpoint_file_is_fsynced_before_it_is_marked_complete(tmp_path, monkeypatch):
+    real_fsync, synced, order = os.fsync, set(), []
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.add(path)
+        order.append(path)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train(config_from_dict(job_dict(tmp_path, train={"max_steps": 1, "val_every": 0})), resume="none",
+          builders=synthetic_builders())
+    ckpt = tmp_path / "checkpoints/step_00000001"
+    files = sorted(p.name for p in ckpt.iterdir())
+    tmp = tmp_path / "checkpoints/.tmp_step_00000001"
+    assert {"meta.json", "trainable.safetensors", "train_state.pt", "rank_00000.pt", "config.yaml"} <= set(files)
+    assert all(str(tmp / name) in synced for name in files)
+    # meta.json, the completion marker, is synced after every other file
+    assert order.index(str(tmp / "meta.json")) > max(order.index(str(tmp / n)) for n in files if n != "meta.json")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..engines import DistEnv, Engine
 from ..model import load_trained_buffers_, trained_buffer_state
-from .integrity import check_all_files_visible, fsync_dir, fsync_tree, nan_equal, tensors_finite
+from .integrity import fsync_dir, nan_equal, seal_files, tensors_finite
 from .layout import (CHECKPOINTS, CONFIG_FILE, FORMAT, META_FILE, TMP_PREFIX, TRAINABLE_FILE, TRAINED_BUFFERS_FILE,
                      checkpoint_path, list_checkpoints, rank_file, read_meta, require_meta, tmp_checkpoint_path)
 from .size import checkpoint_bytes, format_bytes
@@ -119,8 +119,7 @@ class Checkpointer:
                 logger.warning("checkpoint of step %d holds non-finite trainable tensors; pruning keeps the newest "
                                "finite checkpoint besides the last train.keep_last", step)
         self.env.barrier()  # every rank's files are written
-        fsync_tree(tmp)  # every rank: whatever it wrote is durable (files of other ranks: a cheap no-op)
-        check_all_files_visible(self.env, tmp)  # rank 0 sees every rank's files before marking it complete
+        seal_files(self.env, tmp)  # fsynced on every host; rank 0 sees every rank's files (else: error)
         if self.env.is_main:
             meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": self.env.world_size,
                     "zero_stage": getattr(engine, "zero_stage", None), "trainable": list(engine.trainable_names),

@@ -1,10 +1,12 @@
-"""What makes a checkpoint trustworthy beyond its layout: durable (every rank fsyncs), complete (every
-rank's files visible to the rank that marks it complete), finite (for pruning), and compared NaN-aware.
+"""What makes a checkpoint trustworthy beyond its layout: durable (fsynced on every host), complete
+(every rank's files visible to the rank that marks it complete), finite (for pruning), compared NaN-aware.
 
 All collective helpers take the run's :class:`lrqat_dist.engines.DistEnv`; every rank calls them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -66,19 +68,39 @@ def gather_objects(env: DistEnv, obj):
     return out
 
 
-def check_all_files_visible(env: DistEnv, root: Path, timeout_s: float | None = None) -> None:
-    """Collective, after every rank wrote (and fsynced) its part of the checkpoint under ``root``: rank 0
-    waits until it sees every file that any rank sees, at the size that rank sees, then every rank
-    returns; on timeout every rank raises an error naming the missing files and the ranks that wrote them.
+def _digest(listing: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(listing.items())).encode()).hexdigest()
+
+
+def seal_files(env: DistEnv, root: Path, timeout_s: float | None = None) -> None:
+    """Collective, after every rank wrote its part of the checkpoint under ``root`` (and a barrier):
+
+    1. Durable: on every host, its lowest rank fsyncs every file and directory under ``root``. fsync
+       flushes a file's writes cached on that host, whichever process made them, so every rank's
+       files are on disk; one rank per host does it (not every rank: the files of a ZeRO-3
+       checkpoint times the ranks would be that many opens on a shared filesystem).
+    2. Complete: rank 0 waits until it sees every file that any rank sees, at the size that rank sees
+       (ranks first compare a digest of their listings; the listings themselves are only sent when
+       they differ). On timeout every rank raises an error naming the missing files and the ranks
+       that see them; the checkpoint is then never marked complete.
     """
     timeout_s = FILES_VISIBLE_TIMEOUT_S if timeout_s is None else timeout_s
-    views = gather_objects(env, (socket.gethostname(), tree_listing(root)))
+    host = socket.gethostname()
+    listing = tree_listing(root)
+    views = gather_objects(env, (host, _digest(listing)))
+    if env.rank == min(r for r, (h, _) in enumerate(views) if h == host):
+        fsync_tree(root)
+    env.barrier()  # every host's files are durable before anyone goes on to mark the checkpoint complete
+    differ = [r for r, (_, d) in enumerate(views) if d != views[0][1]]  # the same on every rank
+    if not differ:
+        return
+    listings = gather_objects(env, listing if env.rank in differ else None)
     error = None
     if env.is_main:
         wanted: dict[str, tuple[int, int, str]] = {}  # path -> (size, rank, host)
-        for rank, (host, listing) in enumerate(views):
-            for path, size in listing.items():
-                wanted.setdefault(path, (size, rank, host))
+        for rank in differ:
+            for path, size in listings[rank].items():
+                wanted.setdefault(path, (size, rank, views[rank][0]))
         deadline = time.monotonic() + timeout_s
         while True:
             mine = tree_listing(root)

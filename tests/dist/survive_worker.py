@@ -9,8 +9,8 @@ writes ``OUT_ROOT/NAME/result[_PHASE].json``; jobs that end in an expected error
   FSDP2. ``first`` trains slowly (0.4 s pause per step) until the test sends SIGTERM to every process
   group; ``resume`` continues to ``max_steps``; ``sigterm_ref`` is the uninterrupted run.
 - ``kill9:first|resume``, ``kill9_ref``: DeepSpeed ZeRO-2, synthetic data, a checkpoint every 2 steps;
-  in ``first`` rank 1 stops inside the save of step 4 (after writing its files, before the completion
-  check) and writes ``OUT_ROOT/kill9/KILL_ME`` with its pid for the test to ``kill -9``.
+  in ``first`` rank 1 stops inside the save of step 4 (after writing its files, before they are
+  fsynced and checked) and writes ``OUT_ROOT/kill9/KILL_ME`` with its pid for the test to ``kill -9``.
 - ``nan_ds0|nan_ds2|nan_ds3|nan_fsdp2``: NaN logits at step 3 on rank 1 only (the test hook), a checkpoint
   every step; ``nanrun``: NaN at steps 2-9 on rank 1 with ``max_nonfinite: 3`` (expects the error).
 - ``sharedfs``: every rank gets its own ``train.output_dir`` (what ranks on nodes without a shared
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--tokenizer")
     args = p.parse_args()
     from lrqat_dist.checkpoint import checkpointer as ckpt_mod
-    from lrqat_dist.checkpoint.integrity import check_all_files_visible
+    from lrqat_dist.checkpoint import integrity
     from lrqat_dist.engines import DistEnv
     from lrqat_dist.train import train
     from lrqat_dist.train.config import config_from_dict
@@ -84,15 +84,15 @@ def main() -> None:
             cfg = config_from_dict(job_dict(out, dist={"engine": "deepspeed", "zero_stage": 2},
                                             train={"save_every": 2, "max_steps": 6, "keep_last": 3, "val_every": 0}))
             if phase == "first" and rank == 1:
-                real_fsync = ckpt_mod.fsync_tree
+                real_seal = ckpt_mod.seal_files
 
-                def stall_in_save_of_step_4(tmp):
-                    real_fsync(tmp)
-                    if tmp.name.endswith("step_00000004"):
+                def stall_in_save_of_step_4(env, tmp, *args, **kwargs):
+                    if tmp.name.endswith("step_00000004"):  # this rank's files are written
                         (out / "KILL_ME").write_text(str(os.getpid()))
                         time.sleep(600)  # killed here by the test
+                    return real_seal(env, tmp, *args, **kwargs)
 
-                ckpt_mod.fsync_tree = stall_in_save_of_step_4
+                ckpt_mod.seal_files = stall_in_save_of_step_4
             r = train(cfg, resume="auto" if phase == "resume" else "none", builders=synthetic_builders())
             report(out, result, {**summary(r), "seconds": time.perf_counter() - t0})
         elif name in NAN_ENGINES or name == "nanrun":
@@ -126,7 +126,7 @@ def main() -> None:
             mine.mkdir(parents=True, exist_ok=True)
             (mine / f"payload_{rank}.bin").write_bytes(b"x" * (10 + rank))
             try:
-                check_all_files_visible(env, mine, timeout_s=1.0)
+                integrity.seal_files(env, mine, timeout_s=1.0)
                 report(out, "visible", {"error": None}, every_rank=True)
             except RuntimeError as e:
                 report(out, "visible", {"error": str(e)}, every_rank=True)
