@@ -224,3 +224,29 @@ def test_every_checkpoint_file_is_fsynced_before_it_is_marked_complete(tmp_path,
     assert all(str(tmp / name) in synced for name in files)
     # meta.json, the completion marker, is synced after every other file
     assert order.index(str(tmp / "meta.json")) > max(order.index(str(tmp / n)) for n in files if n != "meta.json")
+
+
+def test_sigterm_during_a_save_stops_right_after_it(tmp_path, monkeypatch):
+    """SIGTERM while the checkpoint of step 2 is being written: the save completes, the run stops at
+    step 2 (not one step later), and the resumed run ends bit-identical to an uninterrupted one."""
+    from lrqat_dist.checkpoint import checkpointer as ckpt_mod
+
+    updates = {"save_every": 2, "max_steps": 4, "val_every": 0}
+    train(config_from_dict(job_dict(tmp_path / "ref", train=updates)), resume="none", builders=synthetic_builders())
+    real_seal = ckpt_mod.seal_files
+
+    def signal_mid_save(env, tmp, *args, **kwargs):
+        if tmp.name.endswith("step_00000002"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        return real_seal(env, tmp, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "seal_files", signal_mid_save)
+    cfg = config_from_dict(job_dict(tmp_path / "cut", train=updates))
+    first = train(cfg, resume="none", builders=synthetic_builders())
+    assert first.preempted and first.step == 2 and first.checkpoint.name == "step_00000002"
+    assert read_meta(first.checkpoint)["complete"]
+    monkeypatch.setattr(ckpt_mod, "seal_files", real_seal)
+    second = train(cfg, resume="auto", builders=synthetic_builders())
+    assert second.step == 4 and series(tmp_path / "cut") == series(tmp_path / "ref")
+    assert _same(_trainable(tmp_path / "cut", 4), _trainable(tmp_path / "ref", 4))
