@@ -9,7 +9,8 @@ output directory (issue 13). The scenarios run in tests/dist/survive_worker.py (
 - kill -9 of rank 1 inside the save of step 4 (DeepSpeed ZeRO-2): step 2 stays the newest complete
   checkpoint, the half-written one is never taken, and the resumed run ends bit-identical to an
   uninterrupted one.
-- NaN logits at step 3 on rank 1 only, for DeepSpeed ZeRO-0/2/3 and FSDP2: both ranks skip step 3 (the
+- NaN logits at step 3 on rank 1 only, for DeepSpeed ZeRO-0/2/3 (2 and 3 also with the optimizer
+  offloaded) and FSDP2: both ranks skip step 3 (the
   trainable tensors after step 3 equal those after step 2), count it, and train on; a run of NaNs stops
   with the named error on both ranks.
 - Per-rank output directories: the shared-directory check fails on both ranks, naming the rank that
@@ -34,7 +35,7 @@ from test_train_single import smollm2_tokenizer  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests/dist/survive_worker.py"
-NAN_ENGINES = ["nan_ds0", "nan_ds2", "nan_ds3", "nan_fsdp2"]
+NAN_ENGINES = ["nan_ds0", "nan_ds2", "nan_ds3", "nan_ds2off", "nan_ds3off", "nan_fsdp2"]
 
 pytestmark = pytest.mark.slow
 
