@@ -8,6 +8,7 @@ tests/test_survive_dist.py.
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -22,12 +23,10 @@ from train_common import job_dict, series, synthetic_builders
 from lrqat_dist.checkpoint import Checkpointer, list_checkpoints, read_meta
 from lrqat_dist.checkpoint.integrity import nan_equal
 from lrqat_dist.engines import DistEnv
-from lrqat_dist.train import read_metrics, train
+from lrqat_dist.train import train
 from lrqat_dist.train.config import config_from_dict
 from lrqat_dist.train.nonfinite import TEST_NAN_STEPS_ENV, NonfiniteError, _parse_steps
 from lrqat_dist.train.preemption import PreemptionGuard
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _trainable(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -70,10 +69,7 @@ def test_nan_step_is_skipped_counted_and_training_continues(tmp_path, monkeypatc
     # The count survives a resume: continue the NaN run from step 4 to 6.
     monkeypatch.delenv(TEST_NAN_STEPS_ENV)
     cfg = config_from_dict(job_dict(run, train={**updates, "max_steps": 6}))
-    (run / "checkpoints/step_00000005").rename(run / "checkpoints/.old5")  # resume from 4
-    import shutil
-
-    shutil.rmtree(run / "checkpoints/.old5")
+    shutil.rmtree(run / "checkpoints/step_00000005")  # resume from step 4
     train(cfg, resume="auto", builders=synthetic_builders())
     assert series(run, "nonfinite_skipped")[6] == 1
 

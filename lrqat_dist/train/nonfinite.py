@@ -22,7 +22,6 @@ NaN logits -> NaN loss -> NaN gradients -> skipped step.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -65,10 +64,6 @@ class NonfiniteGuard:
                 f"non-finite loss or gradient norm (train.max_nonfinite={self.max_consecutive}); stopping. "
                 "The newest checkpoint with finite trainable tensors is kept; lower train.lr, check the data "
                 "around these steps, or resume from an earlier checkpoint")
-
-
-def is_finite(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
 
 
 # --- test hook ----------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ writes ``OUT_ROOT/NAME/result[_PHASE].json``; jobs that end in an expected error
 - ``kill9:first|resume``, ``kill9_ref``: DeepSpeed ZeRO-2, synthetic data, a checkpoint every 2 steps;
   in ``first`` rank 1 stops inside the save of step 4 (after writing its files, before they are
   fsynced and checked) and writes ``OUT_ROOT/kill9/KILL_ME`` with its pid for the test to ``kill -9``.
-- ``nan_ds0|nan_ds2|nan_ds3|nan_ds2off|nan_ds3off|nan_fsdp2`` (``off``: optimizer state offloaded): NaN logits at step 3 on rank 1 only (the test hook), a checkpoint
-  every step; ``nanrun``: NaN at steps 2-9 on rank 1 with ``max_nonfinite: 3`` (expects the error).
+- ``nan_ds0|nan_ds2|nan_ds3|nan_ds2off|nan_ds3off|nan_fsdp2`` (``off``: optimizer state offloaded): NaN
+  logits at step 3 on rank 1 only (the test hook), a checkpoint every step; ``nanrun``: NaN at steps
+  2-9 on rank 1 with ``max_nonfinite: 3`` (expects the error).
 - ``sharedfs``: every rank gets its own ``train.output_dir`` (what ranks on nodes without a shared
   filesystem see); expects the shared-directory error. Also the checkpoint-completion check on
   per-rank directories (expects its error after a 1 s timeout).
