@@ -13,6 +13,7 @@ output directory (issue 13). The scenarios run in tests/dist/survive_worker.py (
   offloaded) and FSDP2: both ranks skip step 3 (the
   trainable tensors after step 3 equal those after step 2), count it, and train on; a run of NaNs stops
   with the named error on both ranks.
+- ``train.save_every_minutes`` due on rank 1 only: both ranks save the same step.
 - Per-rank output directories: the shared-directory check fails on both ranks, naming the rank that
   does not see rank 0's nonce; the checkpoint-completion check names the file rank 0 cannot see.
 """
@@ -91,7 +92,7 @@ def runs(tmp_path_factory, smollm2_tokenizer):  # noqa: F811
                            "complete": [s for s, _ in list_checkpoints(root / "kill9")]}
     # 3. Resume both, the uninterrupted references, the NaN runs and the shared-directory checks.
     proc = _launch(root, ",".join(["sigterm:resume", "sigterm_ref", "kill9:resume", "kill9_ref", *NAN_ENGINES,
-                                   "nanrun", "sharedfs"]), smollm2_tokenizer)
+                                   "nanrun", "timed", "sharedfs"]), smollm2_tokenizer)
     logs["rest"] = proc.communicate(timeout=900)[0]
     for name, text in logs.items():
         (root / f"{name}.log").write_text(str(text))
@@ -173,3 +174,9 @@ def test_unshared_output_dir_fails_clearly_on_every_rank(runs):
         err = _result(root, f"sharedfs/visible_rank{rank}.json")["error"]
         assert "rank 0 still does not see 1 file(s)" in err and "payload_1.bin (rank 1" in err, err
     assert not (root / "sharedfs/rank1/checkpoints").exists()
+
+
+def test_time_based_save_is_agreed_across_ranks(runs):
+    root, _ = runs
+    assert _result(root, "timed/result.json")["step"] == 3
+    assert [s for s, _ in list_checkpoints(root / "timed")] == [2]  # only rank 1's clock ran out

@@ -14,6 +14,8 @@ writes ``OUT_ROOT/NAME/result[_PHASE].json``; jobs that end in an expected error
 - ``nan_ds0|nan_ds2|nan_ds3|nan_ds2off|nan_ds3off|nan_fsdp2`` (``off``: optimizer state offloaded): NaN
   logits at step 3 on rank 1 only (the test hook), a checkpoint every step; ``nanrun``: NaN at steps
   2-9 on rank 1 with ``max_nonfinite: 3`` (expects the error).
+- ``timed``: ``train.save_every_minutes`` with only rank 1's save clock running out after step 2 (FSDP2):
+  both ranks save step 2 (a save is collective: a rank left out would hang the other).
 - ``sharedfs``: every rank gets its own ``train.output_dir`` (what ranks on nodes without a shared
   filesystem see); expects the shared-directory error. Also the checkpoint-completion check on
   per-rank directories (expects its error after a 1 s timeout).
@@ -111,6 +113,18 @@ def main() -> None:
                 report(out, result, {"error": str(e)}, every_rank=True)
             finally:
                 del os.environ[TEST_NAN_STEPS_ENV], os.environ[TEST_NAN_RANKS_ENV]
+        elif name == "timed":
+            from lrqat_dist.train.loop import Trainer
+
+            real_due, calls = Trainer._save_time_due, []
+            if rank == 1:  # only rank 1's save clock runs out, after step 2: both ranks must save step 2
+                Trainer._save_time_due = lambda self: calls.append(1) or len(calls) == 2
+            cfg = config_from_dict(job_dict(out, dist={"engine": "fsdp2"},
+                                            train={"save_every": 0, "save_final": False, "max_steps": 3,
+                                                   "val_every": 0, "save_every_minutes": 60}))
+            r = train(cfg, resume="none", builders=synthetic_builders())
+            Trainer._save_time_due = real_due
+            report(out, result, {**summary(r), "seconds": time.perf_counter() - t0})
         elif name == "sharedfs":
             from lrqat_dist.checkpoint import shared_fs
 
