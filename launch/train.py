@@ -7,7 +7,7 @@
     deepspeed --hostfile hosts launch/train.py --config configs/llama2-7b-w4pc-multinode.yaml
 
 Resumes from the newest complete checkpoint in train.output_dir by default (--resume auto).
-SIGTERM / SIGINT save a checkpoint at the end of the current step and exit 0 (twice: quit now).
+SIGTERM / SIGINT save a checkpoint at the end of the current step and exit 0 (Ctrl-C twice: quit now).
 See docs/launch-*.md and docs/config.md.
 """
 from __future__ import annotations

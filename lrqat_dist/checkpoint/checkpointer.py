@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..engines import DistEnv, Engine
 from ..model import load_trained_buffers_, trained_buffer_state
+from .integrity import fsync_dir, nan_equal, seal_files, tensors_finite
 from .layout import (CHECKPOINTS, CONFIG_FILE, FORMAT, META_FILE, TMP_PREFIX, TRAINABLE_FILE, TRAINED_BUFFERS_FILE,
                      checkpoint_path, list_checkpoints, rank_file, read_meta, require_meta, tmp_checkpoint_path)
 from .size import checkpoint_bytes, format_bytes
@@ -71,23 +72,16 @@ def load_rank_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def checkpoint_is_finite(path: Path) -> bool:
+    """Whether a complete checkpoint's trainable tensors are all finite (meta.json's ``finite``; read from
+    the tensors for checkpoints written before it was recorded)."""
+    meta = read_meta(path) or {}
+    if "finite" in meta:
+        return bool(meta["finite"])
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return tensors_finite(load_file(str(path / TRAINABLE_FILE)))
+    except (OSError, ValueError):
+        return False
 
 
 class Checkpointer:
@@ -118,13 +112,18 @@ class Checkpointer:
             buffers = trained_buffer_state(engine.module)
             if buffers:
                 save_file(buffers, str(tmp / TRAINED_BUFFERS_FILE))
-        self.env.barrier()  # every rank's files are written
         if self.env.is_main:
             (tmp / CONFIG_FILE).write_text(self.config_text)
-            _fsync_tree(tmp)
+            finite = tensors_finite(trainable)
+            if not finite:
+                logger.warning("checkpoint of step %d holds non-finite trainable tensors; pruning keeps the newest "
+                               "finite checkpoint besides the last train.keep_last", step)
+        self.env.barrier()  # every rank's files are written
+        seal_files(self.env, tmp)  # fsynced on every host; rank 0 sees every rank's files (else: error)
+        if self.env.is_main:
             meta = {"format": FORMAT, "step": step, "engine": engine.name, "world_size": self.env.world_size,
                     "zero_stage": getattr(engine, "zero_stage", None), "trainable": list(engine.trainable_names),
-                    **payload, **meta,
+                    **payload, **meta, "finite": finite,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": True}
             with open(tmp / META_FILE, "w") as f:  # the completion marker: last file written
                 json.dump(meta, f, indent=1)
@@ -133,7 +132,7 @@ class Checkpointer:
             if final.exists():  # an incomplete leftover under the final name
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune()
             logger.info("saved checkpoint %s in %.1f s: %s on disk (trainable tensors %s)", final,
                         time.perf_counter() - t0, format_bytes(checkpoint_bytes(final)), format_bytes(trainable_bytes))
@@ -141,9 +140,19 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        """Keep the last ``keep_last`` complete checkpoints, and also the newest one whose trainable
+        tensors are all finite when none of those is (a run that went NaN keeps a place to resume from)."""
         complete = list_checkpoints(self.output_dir, warn=False)
+        kept = complete[max(0, len(complete) - self.keep_last):]
+        keep_finite = None
+        if not any(checkpoint_is_finite(path) for _, path in kept):
+            keep_finite = next((path for _, path in reversed(complete[:len(complete) - len(kept)])
+                                if checkpoint_is_finite(path)), None)
+            if keep_finite is not None:
+                logger.warning("keeping %s: the newest checkpoint with finite trainable tensors", keep_finite)
         for _, path in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            if path != keep_finite:
+                shutil.rmtree(path, ignore_errors=True)
         latest = complete[-1][0] if complete else -1
         for tmp in self.root.glob(f"{TMP_PREFIX}*"):
             if int(tmp.name[len(TMP_PREFIX):]) < latest:
@@ -175,6 +184,9 @@ class Checkpointer:
             load_trained_buffers_(engine.module, load_file(str(path / TRAINED_BUFFERS_FILE)), str(path))
         rank_state = load_rank_state(path / rank_file(self.env.rank))
         self._verify(path, engine)
+        if not checkpoint_is_finite(path):
+            logger.warning("%s holds non-finite trainable tensors: every step from it will be skipped as "
+                           "non-finite; resume an earlier checkpoint (--resume <dir>) instead", path)
         logger.info("resumed from %s (step %d)", path, meta["step"])
         return meta, rank_state
 
@@ -184,7 +196,7 @@ class Checkpointer:
         bad = None
         if self.env.is_main:
             saved = load_file(str(path / TRAINABLE_FILE))
-            bad = [n for n in engine.trainable_names if not torch.equal(live[n], saved[n])]
+            bad = [n for n in engine.trainable_names if not nan_equal(live[n], saved[n])]
         bad = self.env.broadcast_object(bad)  # every rank raises, none is left waiting
         if bad:
             raise RuntimeError(f"{path}: after loading, {len(bad)} trainable tensors differ from "

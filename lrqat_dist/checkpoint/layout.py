@@ -3,10 +3,13 @@ and export, eval and resume read.
 
     <output_dir>/config.yaml                       resolved config of the run (written at start)
     <output_dir>/tokenizer/                        the run's tokenizer cache (a .gguf source, saved once)
+    <output_dir>/.shared_fs_check                  rank 0's nonce: every rank must read it (shared_fs.py)
     <output_dir>/checkpoints/step_<N:08d>/
         meta.json               step, engine, zero_stage, world_size, trainable names, the frozen state's
-                                per-module fingerprint (lrqat_dist.model.frozen_state), "complete": true
-                                (written last, after every other file)
+                                per-module fingerprint (lrqat_dist.model.frozen_state), "finite" (all
+                                trainable tensors finite: pruning keeps the newest such checkpoint),
+                                "nonfinite_skipped" (steps skipped so far), "complete": true (written
+                                last, after every other file is fsynced and visible to rank 0)
         config.yaml             resolved config the checkpoint was trained with
         trainable.safetensors   full fp32 trainable tensors (A, B, s ...) keyed by model parameter names,
                                 for every engine: the one file export needs besides the base model

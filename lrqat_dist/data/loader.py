@@ -9,12 +9,21 @@ are produced again after a resume. On resume the worker that is next in the roun
 made physical worker 0, so the order continues exactly. What a worker replays after its last state
 is counted in blocks (``replay_blocks``), not batches, so a resume with another micro-batch size
 replays exactly the blocks that were consumed.
+
+Signals: the workers ignore SIGTERM and SIGINT (:func:`ignore_termination_signals`). Launchers
+(torchrun, the deepspeed launcher, SLURM) and Ctrl-C signal the whole process group; the trainer owns
+shutdown (it saves a checkpoint, then stops the workers), and a worker that died on the signal would
+make the next batch fail with "DataLoader worker exited unexpectedly" before anything is saved. The
+signals are blocked in the trainer while it forks the workers, so none can arrive in the window before
+a worker has installed its ignore handlers (it is delivered to the trainer right after).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 from typing import Any, Iterator, Optional
 
 import torch
@@ -90,6 +99,27 @@ def _check_rank(micro_batch_size: int, rank: int, world_size: int) -> None:
 
 def _passthrough(item: Any) -> Any:
     return item
+
+
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_termination_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the train loader: this worker ignores SIGTERM/SIGINT (the trainer saves and
+    then stops it; it also exits on its own when the trainer process dies) and unblocks them again."""
+    for s in TERMINATION_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATION_SIGNALS)
+
+
+@contextlib.contextmanager
+def termination_signals_blocked():
+    """Hold SIGTERM/SIGINT pending in this thread (workers forked now inherit the mask); delivered on exit."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _RankWorkers(IterableDataset):
@@ -190,8 +220,10 @@ class TrainLoader:
             num_workers=self._num_workers,
             collate_fn=_passthrough,
             prefetch_factor=self._spec.cfg.prefetch_factor,
+            worker_init_fn=ignore_termination_signals,
         )
-        batches = iter(loader)
+        with termination_signals_blocked():  # the workers start here
+            batches = iter(loader)
         try:
             for logical, batch, state, skips in batches:
                 self._check_live(token)

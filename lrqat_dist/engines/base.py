@@ -33,6 +33,15 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: st
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction=reduction)
 
 
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` to backpropagate: unchanged (``* 1.0``, exact) when finite, ``* NaN`` otherwise, so that a
+    non-finite loss on any rank makes every gradient, and so the reduced global grad norm on every rank,
+    NaN: the engines' ``step()`` then skips the update everywhere (see :mod:`lrqat_dist.train.nonfinite`).
+    No host synchronisation."""
+    ok = torch.isfinite(loss.detach())
+    return loss * torch.where(ok, torch.ones_like(loss), torch.full_like(loss, float("nan")))
+
+
 class Engine(ABC):
     """One process's handle on the model, its optimizer and LR scheduler, however they are sharded."""
 
@@ -44,6 +53,7 @@ class Engine(ABC):
     def __init__(self, model: nn.Module, cfg: EngineConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.last_step_skipped = False  # set by step(): the update was skipped (non-finite grad norm)
 
     # --- process setup ------------------------------------------------------------------------
     @classmethod
@@ -67,7 +77,12 @@ class Engine(ABC):
 
     @abstractmethod
     def step(self) -> float | None:
-        """Clip, update, advance the LR schedule, zero the gradients; returns the pre-clip grad norm."""
+        """Clip, update, advance the LR schedule, zero the gradients; returns the pre-clip grad norm.
+
+        A non-finite global grad norm is never applied: then nothing is updated (no optimizer step, no
+        scheduler step), the gradients are zeroed and ``last_step_skipped`` is True, on every rank.
+        ``forward_backward`` backpropagates :func:`poison_nonfinite` of the loss, so a non-finite loss
+        on any rank ends the same way."""
 
     @abstractmethod
     def lrs(self) -> dict[str, float]:

@@ -44,11 +44,13 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     activation_checkpointing: bool = False
     save_every: int = 500
+    save_every_minutes: float | None = None
     keep_last: int = 3
     save_final: bool = True
     # Resume even if the frozen state rebuilt from the base model differs from the checkpoint's
     # fingerprint (model/frozen_state.py); off: such a resume is refused, naming the first differing layer.
     accept_changed_base_model: bool = False
+    max_nonfinite: int = 10
     val_every: int = 0
     val_batches: int | None = None
     log_every: int = 10
@@ -58,12 +60,14 @@ class TrainConfig:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("output_dir: required (where config, checkpoints and metrics go)")
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last", "log_every"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last", "log_every", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("save_every", "val_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0 (0 disables), got {getattr(self, key)}")
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            raise ValueError(f"save_every_minutes: must be > 0 or null (off), got {self.save_every_minutes}")
         if self.val_batches is not None and self.val_batches < 1:
             raise ValueError(f"val_batches: must be >= 1 or null, got {self.val_batches}")
         if self.lr < 0 or self.scale_lr < 0 or self.weight_decay < 0:

@@ -27,6 +27,7 @@ also hold the (integer) buffers as saved (:func:`deepspeed_buffers`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -38,7 +39,7 @@ import yaml
 from torch import nn
 
 from ..model.frozen_state import frozen_state_left_out
-from .base import Engine, next_token_loss
+from .base import Engine, clip_and_norm, next_token_loss, poison_nonfinite
 from .config import DistConfig, EngineConfig, TrainConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, process_group_timeout, standalone_env
 from .optim import build_optimizer, build_scheduler
@@ -157,16 +158,53 @@ class DeepSpeedEngine(Engine):
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
         loss = next_token_loss(self.forward(input_ids), input_ids)
-        self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
-        # DeepSpeed wants step() after every backward; it only updates at the accumulation boundary.
-        self.ds.step()
-        if last_micro and not self.ds.was_step_applied():
-            raise RuntimeError("deepspeed: the last micro-batch of a step did not reach the accumulation boundary")
+        self.ds.backward(poison_nonfinite(loss))  # scales by 1 / gradient_accumulation_steps itself
+        # DeepSpeed wants step() after every backward; it only updates at the accumulation boundary,
+        # which is the last micro-batch's: that one is stepped by step().
+        if not last_micro:
+            self.ds.step()
         return loss.detach()
 
     def step(self) -> float | None:
-        norm = self.ds.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        """The accumulation boundary's ``ds.step()``. Non-finite global grad norm: ZeRO 1-3 skip the
+        update in ZeRO's own overflow path (no optimizer or scheduler step, gradients cleared; the norm
+        is the same on every rank); ZeRO-0 (a plain torch optimizer over all-reduced ``p.grad``) is
+        checked here and skipped by :meth:`_boundary_step_without_update`."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("deepspeed: the last micro-batch of a step did not reach the accumulation boundary")
+        norm = None
+        if self.zero_stage == 0:
+            norm = float(clip_and_norm([p for _, p in self._trainable_params()], None))
+            if self.env.any(not math.isfinite(norm)):
+                self._boundary_step_without_update()
+            else:
+                self.ds.step()
+        else:
+            self.ds.step()
+            ds_norm = self.ds.get_global_grad_norm()
+            norm = None if ds_norm is None else float(ds_norm)
+        applied = self.ds.was_step_applied()
+        self.last_step_skipped = self.env.any(not applied)
+        if self.last_step_skipped and applied:
+            raise RuntimeError("deepspeed: this rank applied a step that another rank skipped as non-finite; "
+                               "the ranks' trainable tensors now differ")
+        return norm
+
+    def _boundary_step_without_update(self) -> None:
+        """``ds.step()`` at the boundary with the optimizer's update replaced by nothing, reported as an
+        overflow: DeepSpeed then skips the LR scheduler, zeroes the gradients and keeps its counters."""
+        opt = self.ds.optimizer
+        saved = {k: vars(opt)[k] for k in ("step", "overflow") if k in vars(opt)}
+        opt.step = lambda *args, **kwargs: None
+        opt.overflow = True
+        try:
+            self.ds.step()
+        finally:
+            for k in ("step", "overflow"):
+                if k in saved:
+                    setattr(opt, k, saved[k])
+                else:
+                    delattr(opt, k)
 
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from .base import decoder_layers, next_token_loss
+from .base import decoder_layers, next_token_loss, poison_nonfinite
 from .config import EngineConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, process_group_timeout, standalone_env
 from .torch_optim import TorchOptimizerEngine
@@ -58,7 +58,7 @@ class FSDP2Engine(TorchOptimizerEngine):
         # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
         self.model.set_requires_gradient_sync(last_micro)
         loss = next_token_loss(self.forward(input_ids), input_ids)
-        (loss / self.cfg.train.grad_accum).backward()
+        (poison_nonfinite(loss) / self.cfg.train.grad_accum).backward()
         return loss.detach()
 
     def full_params(self, names: list[str]) -> dict[str, torch.Tensor]:

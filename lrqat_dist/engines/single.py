@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import next_token_loss
+from .base import next_token_loss, poison_nonfinite
 from .config import EngineConfig
 from .env import DistEnv, claim_device, launched_world_size
 from .torch_optim import TorchOptimizerEngine
@@ -38,7 +38,7 @@ class SingleEngine(TorchOptimizerEngine):
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
         loss = next_token_loss(self.forward(input_ids), input_ids)
-        (loss / self.cfg.train.grad_accum).backward()
+        (poison_nonfinite(loss) / self.cfg.train.grad_accum).backward()
         return loss.detach()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """What the engines that own a plain torch optimizer share (``none`` and ``fsdp2``; DeepSpeed owns its own)."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .base import Engine, clip_and_norm
@@ -29,11 +31,14 @@ class TorchOptimizerEngine(Engine):
         return self.model
 
     def step(self) -> float | None:
-        norm = clip_and_norm(self._params, self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(clip_and_norm(self._params, self.cfg.train.grad_clip))
+        # The norm is global (reduced) already; the all-reduce makes the skip decision provably common.
+        self.last_step_skipped = self.env.any(not math.isfinite(norm))
+        if not self.last_step_skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}

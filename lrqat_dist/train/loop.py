@@ -6,7 +6,8 @@ Order of a run: join the job (engine ``setup``) -> tokenizer -> prepared model (
 rank, checked) -> engine (shards, optimizer, schedule) -> data -> resume -> steps. A step is
 ``train.grad_accum`` micro-batches of ``forward_backward`` then one ``engine.step()``; logging,
 validation, checkpoints and the preemption check happen between steps only, so a checkpoint never
-holds a half-accumulated step.
+holds a half-accumulated step. A step whose loss or global grad norm is not finite is skipped on every
+rank (:mod:`lrqat_dist.train.nonfinite`); SIGTERM/SIGINT save and stop (:mod:`lrqat_dist.train.preemption`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import (CHECKPOINTS, CONFIG_FILE, TOKENIZER_DIR, Checkpointer, capture_rng, list_checkpoints,
                           require_meta, resolve_resume, restore_rng)
+from ..checkpoint.shared_fs import check_shared_output_dir
 from ..data import build_train_loader, build_val_loader
 from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
 from ..engines.optim import SCHEDULE_KEYS, schedule_change
@@ -31,6 +33,7 @@ from ..model.frozen_state import check_frozen_fingerprint, frozen_fingerprint
 from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing
 from .config import JobConfig, dump_config, parse_yaml
 from .metrics import MetricsLogger, peak_memory_gb
+from .nonfinite import NanInjection, NonfiniteGuard
 from .preemption import PreemptionGuard
 
 logger = logging.getLogger(__name__)
@@ -89,13 +92,15 @@ class _Window:
     """What accumulates between two log lines."""
 
     steps: int = 0
-    loss_sum: float = 0.0
+    loss_sum: float = 0.0  # over the steps that were applied (a skipped step's loss is not finite)
+    loss_steps: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # seconds spent validating / checkpointing: not billed to throughput
 
     def reset(self) -> None:
-        self.steps, self.loss_sum, self.tokens, self.start, self.paused = 0, 0.0, 0, time.perf_counter(), 0.0
+        self.steps, self.loss_sum, self.loss_steps, self.tokens = 0, 0.0, 0, 0
+        self.start, self.paused = time.perf_counter(), 0.0
 
 
 class Trainer:
@@ -107,6 +112,7 @@ class Trainer:
         engine_cfg = EngineConfig(cfg.train, cfg.dist, lr_windows=group_windows(cfg.quant))
         self.env = env = engine_cls.setup(engine_cfg)
         self.output_dir = Path(cfg.train.output_dir)
+        check_shared_output_dir(self.output_dir, env)
         self.config_text = dump_config(cfg)
         self._write_config()
         self.tokenizer = self._collective_first(lambda: builders.tokenizer(cfg, self.output_dir / TOKENIZER_DIR))
@@ -115,6 +121,9 @@ class Trainer:
         self._check_same_model(model)
         # Before any sharding: stored in every checkpoint's meta.json, compared on resume and export.
         self.frozen_fingerprint = frozen_fingerprint(model, self.dtype, env.rank, env.world_size, env.all_gather)
+        self.nan_injection = NanInjection.from_env(env.rank)  # a test hook; None unless its variable is set
+        if self.nan_injection is not None:
+            self.nan_injection.install(model)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
@@ -166,6 +175,12 @@ class Trainer:
 
     # --- the run --------------------------------------------------------------------------------
     def run(self, resume: str | None, on_step: StepHook | None = None) -> TrainResult:
+        # Signals are caught from here on: one that arrives while resuming or validating stops the run at
+        # the end of its first step, with a checkpoint.
+        with PreemptionGuard() as guard:
+            return self._run(guard, resume, on_step)
+
+    def _run(self, guard: PreemptionGuard, resume: str | None, on_step: StepHook | None) -> TrainResult:
         cfg, env = self.cfg, self.env
         found = None
         if env.is_main:
@@ -180,6 +195,7 @@ class Trainer:
         if status == "error":
             raise FileNotFoundError(ckpt)
         step, self.tokens_seen = 0, 0
+        self.nonfinite = NonfiniteGuard(cfg.train.max_nonfinite)
         if ckpt is not None:
             check_frozen_fingerprint(require_meta(ckpt).get("frozen_fingerprint"), self.frozen_fingerprint,
                                      f"resume from {ckpt}", cfg.train.accept_changed_base_model)
@@ -189,39 +205,47 @@ class Trainer:
             step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
             if env.is_main:
                 self._warn_schedule_change(Path(ckpt), step)
+            self.nonfinite.total = int(meta.get("nonfinite_skipped", 0))
         metrics = MetricsLogger(self.output_dir, env.is_main, cfg.log.tensorboard, cfg.log.progress_bar,
                                 step, cfg.train.max_steps)
         last_ckpt, preempted = ckpt, False
+        self._last_save = time.monotonic()
         try:
             if step == 0 and self.val_loader is not None:
                 metrics.log(0, self.validate())
-            with PreemptionGuard() as guard:
-                self.engine.train()
-                batches = iter(self.train_loader)
-                window = _Window()
-                while step < cfg.train.max_steps:
-                    step += 1
-                    if self.hooks is not None:
-                        self.hooks.before_step(step, self.engine)
-                    grad_norm, lrs = self._train_step(batches, window)
-                    if self.hooks is not None:
-                        self.hooks.after_step(step, self.engine)
-                    if on_step is not None:
-                        on_step(step)
-                    preempted = env.any(guard.requested is not None)
-                    save = self._should_save(step) or preempted
-                    record: dict[str, Any] = {}
-                    if save or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                        record.update(self._log_record(window, lrs, grad_norm))  # also closes the window
-                    if cfg.train.val_every and step % cfg.train.val_every == 0:
-                        record.update(self._timed(window, self.validate))
-                    metrics.log(step, record)
-                    metrics.advance()
-                    if save:
-                        last_ckpt = self._timed(window, lambda: self.save(step))
-                    if preempted:
-                        metrics.write(f"preempted: saved {last_ckpt}, exiting at step {step}")
-                        break
+            self.engine.train()
+            batches = iter(self.train_loader)
+            window = _Window()
+            while step < cfg.train.max_steps:
+                step += 1
+                if self.hooks is not None:
+                    self.hooks.before_step(step, self.engine)
+                if self.nan_injection is not None:
+                    self.nan_injection.before_step(step)
+                grad_norm, lrs, loss = self._train_step(batches, window)
+                self.nonfinite.record(step, self.engine.last_step_skipped, loss, grad_norm)
+                if self.hooks is not None:
+                    self.hooks.after_step(step, self.engine)
+                if on_step is not None:
+                    on_step(step)
+                # One all-reduce: any rank signalled, any rank's save clock ran out -> every rank acts.
+                preempted, timed_save = (v > 0 for v in env.all_reduce(
+                    [float(guard.requested is not None), float(self._save_time_due())], "max"))
+                save = self._should_save(step) or timed_save or preempted
+                record: dict[str, Any] = {}
+                if save or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    record.update(self._log_record(window, lrs, grad_norm))  # also closes the window
+                if cfg.train.val_every and step % cfg.train.val_every == 0:
+                    record.update(self._timed(window, self.validate))
+                metrics.log(step, record)
+                metrics.advance()
+                if save:
+                    last_ckpt = self._timed(window, lambda: self.save(step))
+                    # A signal that came during the save: the checkpoint of this step is it, stop now.
+                    preempted = preempted or env.any(guard.requested is not None)
+                if preempted:
+                    metrics.write(f"preempted: saved {last_ckpt}, exiting at step {step}")
+                    break
         finally:
             metrics.close()
             self.engine.close()
@@ -237,8 +261,13 @@ class Trainer:
         if message:
             logger.warning("%s: %s", ckpt, message)
 
-    def _train_step(self, batches, window: _Window) -> tuple[float | None, dict[str, float]]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (grad norm, lrs it used)."""
+    def _save_time_due(self) -> bool:
+        minutes = self.cfg.train.save_every_minutes
+        return minutes is not None and time.monotonic() - self._last_save >= minutes * 60
+
+    def _train_step(self, batches, window: _Window) -> tuple[float | None, dict[str, float], float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (grad norm, lrs it used, this
+        rank's mean loss). ``engine.last_step_skipped`` tells whether it was skipped as non-finite."""
         cfg, env = self.cfg, self.env
         lrs = self.engine.lrs()
         losses, tokens = [], 0
@@ -250,8 +279,11 @@ class Trainer:
         self.tokens_seen += tokens
         window.tokens += tokens
         window.steps += 1
-        window.loss_sum += float(torch.stack(losses).mean())
-        return grad_norm, lrs
+        loss = float(torch.stack(losses).mean())
+        if not self.engine.last_step_skipped:
+            window.loss_sum += loss
+            window.loss_steps += 1
+        return grad_norm, lrs, loss
 
     @staticmethod
     def _timed(window: _Window, fn: Callable[[], Any]) -> Any:
@@ -267,10 +299,11 @@ class Trainer:
         skips = self.train_loader.skip_counts()
         kinds = sorted(skips)
         sums = env.all_reduce([window.loss_sum] + [float(skips[k]) for k in kinds])
+        # (the same steps are skipped on every rank, so loss_steps is too)
         (peak,) = env.all_reduce([peak_memory_gb(env.device)], "max")
         elapsed = time.perf_counter() - window.start - window.paused
         record = {
-            "loss": sums[0] / env.world_size / window.steps,
+            "loss": sums[0] / env.world_size / window.loss_steps if window.loss_steps else None,
             "lr": lrs.get("adapters"),  # None for PEQA (scales only)
             "scale_lr": lrs.get("scales"),
             "grad_norm": grad_norm,
@@ -279,6 +312,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "peak_mem_gb": peak,
             "data_skips": {k: int(v) for k, v in zip(kinds, sums[1:])},
+            "nonfinite_skipped": self.nonfinite.total,  # steps skipped as non-finite, whole run
         }
         window.reset()
         return record
@@ -309,5 +343,7 @@ class Trainer:
         """Checkpoint after ``step`` (collective)."""
         rank_state = {"data": self.train_loader.state_dict(), "rng": capture_rng(self.env.device)}
         meta = {"tokens_seen": self.tokens_seen, "dtype": str(self.dtype).replace("torch.", ""),
-                "frozen_fingerprint": self.frozen_fingerprint}
-        return self.checkpointer.save(step, self.engine, rank_state, meta)
+                "frozen_fingerprint": self.frozen_fingerprint, "nonfinite_skipped": self.nonfinite.total}
+        path = self.checkpointer.save(step, self.engine, rank_state, meta)
+        self._last_save = time.monotonic()
+        return path

@@ -1,8 +1,14 @@
 """Preemption: turn SIGTERM / SIGINT into "save a checkpoint at the end of this step, then exit".
 
 The handler only sets a flag; the loop reads it at step boundaries and all ranks agree (any rank
-signalled means all stop), so the checkpoint is taken at the same step everywhere. A second signal
-restores the default handler and re-raises it: press Ctrl-C twice to quit without saving.
+signalled means all stop), so the checkpoint is taken at the same step everywhere. A second SIGINT
+restores the default handler and re-raises it: press Ctrl-C twice to quit without saving. A repeated
+SIGTERM is only logged: under SLURM or an MPI launcher a process may be sent SIGTERM both directly
+and by its launcher (torchrun forwards what it receives), and that must not cancel the save; a
+launcher that wants a process gone sends SIGKILL after its grace period.
+
+DataLoader workers ignore both signals (:mod:`lrqat_dist.data.loader`), so a signal sent to the whole
+process group cannot kill them under the trainer.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ class PreemptionGuard:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None and signum != signal.SIGINT:
+            logger.warning("received %s again: still saving a checkpoint before exiting",
+                           signal.Signals(signum).name)
+            return
         if self.requested is not None:
             logger.warning("second %s: exiting without a checkpoint", signal.Signals(signum).name)
             self._restore()
