@@ -21,6 +21,7 @@ SUBPROCESS_TESTS = {
     ("test_prepare.py", "test_prepare_text_cli_help"),
     ("test_prepare.py", "test_fetch_deb_tree_from_local_deb"),
     ("test_train_single.py", "test_cli_tiny_cpu_preempted_by_sigterm_then_resumed"),
+    ("test_gpu_check.py", "test_gpu_check_cpu_smoke"),  # the tool, and torchrun / memory workers under it
 }
 # Tests that read the real SmolLM2-135M (besides those using the fixtures below).
 REAL_MODEL_TESTS = {("test_prepare.py", "test_real_smollm2_conversion"),
