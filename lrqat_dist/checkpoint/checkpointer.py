@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..engines import DistEnv, Engine
 from ..model import load_trained_buffers_, trained_buffer_state
 from .integrity import fsync_dir, nan_equal, seal_files, tensors_finite
+from .elastic import is_elastic, resharded_rank_state
 from .layout import (CHECKPOINTS, CONFIG_FILE, FORMAT, META_FILE, TMP_PREFIX, TRAINABLE_FILE, TRAINED_BUFFERS_FILE,
                      checkpoint_path, list_checkpoints, rank_file, read_meta, require_meta, tmp_checkpoint_path)
 from .size import checkpoint_bytes, format_bytes
@@ -160,29 +161,37 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, path: Path, engine: Engine) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore ``engine`` from checkpoint ``path``; returns (meta, this rank's state)."""
+        """Restore ``engine`` from checkpoint ``path``; returns (meta, this rank's state). On a world size
+        other than the saving one (elastic resume) the state holds every old rank's data state under
+        :data:`~lrqat_dist.checkpoint.elastic.RESHARDED_DATA` instead of ``data``."""
         meta = require_meta(path)
         if meta["engine"] != engine.name:
             raise ValueError(f"{path}: saved by engine {meta['engine']!r}, this run uses {engine.name!r} "
                              f"(set dist.engine={meta['engine']} to resume it)")
-        if meta["world_size"] != self.env.world_size:
-            raise ValueError(f"{path}: saved with world_size={meta['world_size']}, this run has "
-                             f"{self.env.world_size}; resume with the same number of processes")
+        elastic = is_elastic(meta, self.env)  # a different world size: see checkpoint/elastic.py
         if meta.get("zero_stage") != getattr(engine, "zero_stage", None):
             raise ValueError(f"{path}: saved with zero_stage={meta.get('zero_stage')}, this run uses "
                              f"{getattr(engine, 'zero_stage', None)}")
         if list(meta["trainable"]) != list(engine.trainable_names):
             raise ValueError(f"{path}: its trainable parameters differ from this model's (model/quant changed?)")
-        if not engine.payload_holds_trainable:  # the payload is optimizer state only: the full copy it is
+        if elastic or not engine.payload_holds_trainable:  # the full copy every engine writes
             saved = load_file(str(path / TRAINABLE_FILE))
             missing = sorted(set(engine.trainable_names) - set(saved))
             if missing:
                 raise ValueError(f"{path / TRAINABLE_FILE}: missing trainable tensors, e.g. {missing[:3]}")
-            engine.assign_params({n: saved[n] for n in engine.trainable_names})
-        engine.load(path)
+            saved = {n: saved[n] for n in engine.trainable_names}
+        if elastic:
+            engine.load_resharded(path, meta, saved)
+        else:
+            if not engine.payload_holds_trainable:  # the payload is optimizer state only
+                engine.assign_params(saved)
+            engine.load(path)
         if trained_buffer_state(engine.module):
             load_trained_buffers_(engine.module, load_file(str(path / TRAINED_BUFFERS_FILE)), str(path))
-        rank_state = load_rank_state(path / rank_file(self.env.rank))
+        if elastic:
+            rank_state = resharded_rank_state(path, meta, self.env, load_rank_state)
+        else:
+            rank_state = load_rank_state(path / rank_file(self.env.rank))
         self._verify(path, engine)
         if not checkpoint_is_finite(path):
             logger.warning("%s holds non-finite trainable tensors: every step from it will be skipped as "

@@ -128,6 +128,13 @@ class Engine(ABC):
         """Restore a payload written by :meth:`save` under ``path`` (with ``payload_holds_trainable``
         False, only the optimizer and scheduler). Collective."""
 
+    def load_resharded(self, path: Path, meta: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
+        """Elastic resume: restore trainable tensors, optimizer and scheduler from a checkpoint written by
+        ``meta["world_size"]`` ranks onto this job's (different) world size. ``params``: the checkpoint's
+        full fp32 trainable tensors (``trainable.safetensors``), the same on every rank. Collective."""
+        raise ValueError(f"{path}: written by {meta['world_size']} processes; engine {self.name!r} can only "
+                         f"resume it on that many (this job has {self.env.world_size})")
+
     @classmethod
     def read_payload_trainable(cls, path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Offline (one CPU process, no process group, whatever world size saved it): the fp32 trainable

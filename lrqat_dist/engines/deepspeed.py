@@ -273,6 +273,16 @@ class DeepSpeedEngine(Engine):
         if load_path is None:
             raise FileNotFoundError(f"{path / DS_DIR}: DeepSpeed found no checkpoint to load")
 
+    def load_resharded(self, path: Path, meta: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
+        # A different world size: DeepSpeed's load needs the saving one; see deepspeed_elastic.
+        from .deepspeed_elastic import load_resharded
+
+        if self.zero_stage == 0:
+            raise ValueError(f"{path}: elastic resume supports ZeRO stages 1-3, this run uses ZeRO-0")
+        ds_dir = path / meta.get("payload", DS_DIR)
+        tag = meta.get("deepspeed_tag") or (ds_dir / "latest").read_text().strip()
+        load_resharded(self, ds_dir / tag, params)
+
     @classmethod
     def read_payload_trainable(cls, path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         return deepspeed_trainable(path / meta.get("payload", DS_DIR), list(meta["trainable"]),

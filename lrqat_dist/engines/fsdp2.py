@@ -103,6 +103,11 @@ class FSDP2Engine(TorchOptimizerEngine):
                        optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def load_resharded(self, path: Path, meta: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
+        # DCP stores each tensor with its global shape and the saved shards' offsets; loading into this
+        # job's DTensor state dict reads whatever slices the new mesh needs, so the same load reshards.
+        self.load(path)
+
     @classmethod
     def read_payload_trainable(cls, path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         return dcp_trainable(path / meta.get("payload", DCP_DIR), list(meta["trainable"]))

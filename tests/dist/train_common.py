@@ -78,10 +78,17 @@ class GlobalBatchLoader:
             yield {"input_ids": torch.stack([self._row(first + i) for i in range(self.mbs)])}
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
+        return {"consumed": self.consumed, "grad_accum": self.accum}
 
     def load_state_dict(self, sd: dict) -> None:
         self.consumed = sd["consumed"]
+
+    def load_resharded_state(self, states: list[dict]) -> None:
+        """Elastic resume: every old rank consumed ``step * grad_accum`` micro-batches; continue at the
+        same step (the global batch of a step is the same rows on every world size)."""
+        steps = {s["consumed"] // s["grad_accum"] for s in states}
+        assert len(steps) == 1 and all(s["consumed"] % s["grad_accum"] == 0 for s in states), states
+        self.consumed = steps.pop() * self.accum
 
     def skip_counts(self) -> dict:
         return {}

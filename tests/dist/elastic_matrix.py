@@ -1,0 +1,67 @@
+"""Run under ``torchrun --nproc_per_node {1,2}``: one phase of an elastic (world-size changing) resume.
+
+    torchrun --nproc_per_node 2 tests/dist/elastic_matrix.py OUT_ROOT --engines ds2,fsdp2 --phase 2to1:first
+    torchrun --nproc_per_node 1 tests/dist/elastic_matrix.py OUT_ROOT --engines ds2,fsdp2 --phase 2to1:second
+
+Per engine ``E`` and case ``C`` (``2to1`` or ``1to2``) the run lives in ``OUT_ROOT/E/C``. ``first``
+trains from scratch and stops after step ``--kill-at`` (rank 0 sends itself SIGTERM: a preemption that
+saves); ``second`` resumes that checkpoint on this launch's world size and trains to ``train.max_steps``.
+Several ``--phase`` values may be given; they run in order. The global batch is the same on every world
+size (4 rows of the synthetic stream per step: 2 ranks x 2 micro-batches of 1 row, or 1 process x 2
+micro-batches of 2 rows), so the resumed losses are comparable with an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+from train_common import job_dict, synthetic_builders
+
+ENGINES = {
+    "ds1": {"engine": "deepspeed", "zero_stage": 1},
+    "ds2": {"engine": "deepspeed", "zero_stage": 2},
+    "ds3": {"engine": "deepspeed", "zero_stage": 3},
+    "fsdp2": {"engine": "fsdp2"},
+}
+ROWS_PER_STEP = 4
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out_root")
+    p.add_argument("--engines", default="ds2,ds3,fsdp2")
+    p.add_argument("--phase", action="append", required=True, help="CASE:first or CASE:second")
+    p.add_argument("--kill-at", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
+    args = p.parse_args()
+    from lrqat_dist.train import train
+    from lrqat_dist.train.config import config_from_dict
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    mbs = ROWS_PER_STEP // (2 * world)
+    for phase in args.phase:
+        case, which = phase.split(":")
+        for name in args.engines.split(","):
+            out = Path(args.out_root) / name / case
+            cfg = config_from_dict(job_dict(out, dist=ENGINES[name], train={
+                "micro_batch_size": mbs, "grad_accum": 2, "max_steps": args.steps, "val_every": 0}))
+
+            def kill(step):
+                if step == args.kill_at and rank == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            if which == "first":
+                res = train(cfg, resume="none", builders=synthetic_builders(), on_step=kill)
+            else:
+                res = train(cfg, resume="auto", builders=synthetic_builders())
+            if rank == 0:
+                (out / f"result_{which}.json").write_text(json.dumps(
+                    {"world_size": world, "step": res.step, "preempted": res.preempted,
+                     "checkpoint": str(res.checkpoint)}))
+
+
+if __name__ == "__main__":
+    main()
