@@ -26,8 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set train.max_steps=10 (VALUE is parsed as YAML); repeatable")
     p.add_argument("--resume", default="auto",
-                   help="'auto' (newest complete checkpoint in train.output_dir, else fresh), 'none', or a "
-                        "checkpoint directory (default: %(default)s)")
+                   help="'auto' (newest complete checkpoint in train.output_dir, else fresh), 'none', a "
+                        "checkpoint directory (any number of ranks may resume it), or 'weights:CKPT' (a "
+                        "checkpoint or run directory: its trained A, B, s only; fresh optimizer, schedule, "
+                        "data, step 0) (default: %(default)s)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

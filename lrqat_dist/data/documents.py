@@ -52,6 +52,10 @@ class FileDocuments:
         # Shards read whole without a usable document since the last document: once this holds
         # every shard, the source is empty for this filter and cycling would spin forever.
         self._barren: set[int] = set()
+        # After an elastic resume (a different number of readers, see ``reshard``): what was left of
+        # the old readers' epochs, ``[file, part, parts, start_unit]`` each, read before epoch ``_epoch``.
+        self._segments: list[list[int]] = []
+        self._seg = 0  # index of the segment being read; == len(_segments) once they are done
         self._gen: Optional[Iterator[Document]] = None
 
     def next_document(self) -> Optional[Document]:
@@ -60,19 +64,29 @@ class FileDocuments:
         return next(self._gen, None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd = {
             "epoch": self._epoch,
             "pos": self._pos,
             "unit": self._unit,
             "barren": sorted(self._barren),
         }
+        if self._seg < len(self._segments):
+            sd["segments"] = [list(s) for s in self._segments[self._seg:]]
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self._epoch, self._pos, self._unit = int(sd["epoch"]), int(sd["pos"]), int(sd["unit"])
         self._barren = {int(i) for i in sd["barren"]}
+        self._segments = [[int(v) for v in s] for s in sd.get("segments", [])]
+        self._seg = 0
         self._gen = None
 
     def _run(self) -> Iterator[Document]:
+        while self._seg < len(self._segments):  # the rest of an epoch re-dealt by an elastic resume
+            file, part, parts, _ = self._segments[self._seg]
+            yield from self._read(file, part, parts)
+            self._seg += 1
+            self._unit = self._segments[self._seg][3] if self._seg < len(self._segments) else 0
         while True:
             plan = reader_shards(
                 self._shards, self._reader, self._num_readers, self._seed, self._epoch, self._shuffle

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .config import DataConfig
 from .records import SKIP_KINDS
 from .units import describe_files, resolve_files
+from .reshard import ReshardReport, exact_reader_state, reshard_reader_states, with_readers
 from .stream import ReaderStream, StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -312,6 +313,41 @@ class TrainLoader:
         if saved_mbs != self._mbs:
             logger.info("data loader state: micro_batch_size %d -> %d; replaying %d blocks after the saved "
                         "reader states", saved_mbs, self._mbs, sum(w["replay_blocks"] for w in self._workers))
+
+
+    def load_resharded_state(self, states: list[dict[str, Any]]) -> ReshardReport:
+        """Elastic resume: ``states`` are the ``state_dict()`` of every rank of a job with another world
+        size (or worker count), in rank order; this loader takes its part of what they had left to read
+        (:mod:`lrqat_dist.data.reshard`: no document of the current epoch is skipped). Returns the
+        report, also logged."""
+        if not states:
+            raise ValueError("data loader: no saved rank states to re-deal")
+        for sd in states:
+            if sd.get("format") != LOADER_STATE_FORMAT:
+                raise ValueError(f"data loader state: unknown format {sd.get('format')!r}")
+            for key, now in (("seed", self._spec.seed), ("source", self._spec.source_id)):
+                if sd.get(key) != now:
+                    raise ValueError(f"data loader state does not match this loader ({key}: saved "
+                                     f"{sd.get(key)!r}, now {now!r}); an elastic resume needs the same data and seed")
+        old_world, old_slots = len(states), int(states[0]["workers_per_rank"])
+        old_spec = with_readers(self._spec, old_world * old_slots)
+        old_readers = []
+        for rank, sd in enumerate(states):
+            if int(sd["rank"]) != rank or int(sd["world_size"]) != old_world:
+                raise ValueError(f"data loader states: entry {rank} is rank {sd['rank']} of {sd['world_size']}")
+            mbs = int(sd.get("micro_batch_size", self._mbs))
+            for w, slot in enumerate(sd["workers"]):
+                blocks = int(slot["replay_blocks"]) if "replay_blocks" in slot else int(slot["replay"]) * mbs
+                old_readers.append(exact_reader_state(old_spec, self._tokenizer, rank * old_slots + w,
+                                                      slot["state"], blocks))
+        new_states, report = reshard_reader_states(old_readers, old_spec, self._spec, self._tokenizer)
+        mine = new_states[self._rank * self._slots:(self._rank + 1) * self._slots]
+        self._live = None
+        self._inproc = None
+        self._consumed = 0
+        self._workers = [self._fresh_slot(st) for st in mine]
+        logger.info("%s", report.describe())
+        return report
 
 
 class ValLoader:

@@ -26,6 +26,7 @@ from ..checkpoint import (CHECKPOINTS, CONFIG_FILE, TOKENIZER_DIR, Checkpointer,
                           require_meta, resolve_resume, restore_rng)
 from ..checkpoint.shared_fs import check_shared_output_dir
 from ..checkpoint.elastic import RESHARDED_DATA, load_resharded_data
+from ..checkpoint.warm_start import load_weights_only, weights_only_checkpoint
 from ..data import build_train_loader, build_val_loader
 from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
 from ..engines.optim import SCHEDULE_KEYS, schedule_change
@@ -81,7 +82,9 @@ def train(cfg: JobConfig, resume: str | None = "auto", builders: Builders | None
     """Run (or continue) the training job ``cfg``; every rank of the job calls this.
 
     resume:       ``auto`` (newest complete checkpoint in ``train.output_dir``, else start fresh),
-                  ``none``, or a checkpoint directory.
+                  ``none``, a checkpoint directory (written on any number of ranks: see
+                  :mod:`lrqat_dist.checkpoint.elastic`), or ``weights:CKPT`` (a checkpoint or run
+                  directory: its trained tensors only, fresh optimizer, schedule and data, step 0).
     on_step:      called on every rank with the step number right after each optimizer step, before
                   that step's preemption check, logging, validation and checkpoint.
     """
@@ -186,10 +189,13 @@ class Trainer:
         found = None
         if env.is_main:
             try:
-                found = ("ok", resolve_resume(resume, self.output_dir))
+                weights = weights_only_checkpoint(resume)  # weights:CKPT, a fresh run from its A, B, s
+                found = ("ok", None if weights else resolve_resume(resume, self.output_dir))
                 if found[1] is None and list_checkpoints(self.output_dir, warn=False):
                     found = ("error", f"{self.output_dir} already holds checkpoints; resume them (--resume auto) "
                                       "or train into a new train.output_dir")
+                elif weights:
+                    found = ("weights", weights)
             except FileNotFoundError as e:
                 found = ("error", str(e))
         status, ckpt = env.broadcast_object(found)
@@ -197,6 +203,9 @@ class Trainer:
             raise FileNotFoundError(ckpt)
         step, self.tokens_seen = 0, 0
         self.nonfinite = NonfiniteGuard(cfg.train.max_nonfinite)
+        if status == "weights":
+            load_weights_only(ckpt, self.engine, env)
+            ckpt = None
         if ckpt is not None:
             check_frozen_fingerprint(require_meta(ckpt).get("frozen_fingerprint"), self.frozen_fingerprint,
                                      f"resume from {ckpt}", cfg.train.accept_changed_base_model)
