@@ -5,8 +5,11 @@
 
 Per engine ``E`` and case ``C`` (``2to1`` or ``1to2``) the run lives in ``OUT_ROOT/E/C``. ``first``
 trains from scratch and stops after step ``--kill-at`` (rank 0 sends itself SIGTERM: a preemption that
-saves); ``second`` resumes that checkpoint on this launch's world size and trains to ``train.max_steps``.
-Several ``--phase`` values may be given; they run in order. The global batch is the same on every world
+saves); ``second`` resumes that checkpoint on this launch's world size and trains to ``train.max_steps``;
+``weights`` starts a new run in ``OUT_ROOT/E/C-weights`` from that checkpoint's trained tensors only
+(``--resume weights:CKPT``) on this launch's world size.
+Several ``--phase`` values may be given; they run in order; ``CASE:weights:ds3+fsdp2`` limits a phase
+to some engines. The global batch is the same on every world
 size (4 rows of the synthetic stream per step: 2 ranks x 2 micro-batches of 1 row, or 1 process x 2
 micro-batches of 2 rows), so the resumed losses are comparable with an uninterrupted run.
 """
@@ -33,7 +36,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out_root")
     p.add_argument("--engines", default="ds2,ds3,fsdp2")
-    p.add_argument("--phase", action="append", required=True, help="CASE:first or CASE:second")
+    p.add_argument("--phase", action="append", required=True, help="CASE:first, CASE:second or CASE:weights")
     p.add_argument("--kill-at", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
@@ -43,8 +46,8 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     mbs = ROWS_PER_STEP // (2 * world)
     for phase in args.phase:
-        case, which = phase.split(":")
-        for name in args.engines.split(","):
+        case, which, *only = phase.split(":")  # an optional third field: engines joined by '+'
+        for name in only[0].split("+") if only else args.engines.split(","):
             out = Path(args.out_root) / name / case
             cfg = config_from_dict(job_dict(out, dist=ENGINES[name], train={
                 "micro_batch_size": mbs, "grad_accum": 2, "max_steps": args.steps, "val_every": 0}))
@@ -55,8 +58,14 @@ def main() -> None:
 
             if which == "first":
                 res = train(cfg, resume="none", builders=synthetic_builders(), on_step=kill)
-            else:
+            elif which == "second":
                 res = train(cfg, resume="auto", builders=synthetic_builders())
+            else:  # weights: a new run from the trained tensors of CASE's first checkpoint
+                ckpt = out / f"checkpoints/step_{args.kill_at:08d}"
+                out = out.parent / f"{case}-weights"
+                cfg = config_from_dict(job_dict(out, dist=ENGINES[name], train={
+                    "micro_batch_size": mbs, "grad_accum": 2, "max_steps": args.steps, "val_every": 0}))
+                res = train(cfg, resume=f"weights:{ckpt}", builders=synthetic_builders())
             if rank == 0:
                 (out / f"result_{which}.json").write_text(json.dumps(
                     {"world_size": world, "step": res.step, "preempted": res.preempted,
