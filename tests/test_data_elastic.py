@@ -109,3 +109,26 @@ def test_reshard_loses_no_document(corpus, tokenizer, pulls, old_world, new_worl
     # Every document was emitted or is still in flight in a new reader.
     seen = set().union(*(_ids(t) for t in emitted + tail))
     assert seen >= set(range(FILES * PER_FILE)), sorted(set(range(FILES * PER_FILE)) - seen)
+
+
+def test_hf_stream_restarts_at_the_lowest_row_and_counts_rereads(tokenizer):  # noqa: F811
+    """HF rows are dealt ``idx % readers``: the new readers restart at the lowest row reached; every
+    row an old reader had read at or after it is counted as read again."""
+    from lrqat_dist.data.reshard import reshard_reader_states
+    from lrqat_dist.data.stream import ReaderStream, StreamSpec
+
+    cfg = DataConfig(hf_dataset="some/dataset", seq_len=SEQ, shuffle_buffer=4)
+    old = StreamSpec(cfg, None, "train", 5, 2, train=True)
+    new = StreamSpec(cfg, None, "train", 5, 3, train=True)
+    states = []
+    for reader, row in enumerate([10, 7]):  # reader 0 read rows 0,2,..,8; reader 1 rows 1,3,5
+        sd = ReaderStream(old, tokenizer, reader).state_dict()  # the stream itself is opened lazily
+        sd["documents"] = {"epoch": 0, "row": row}
+        states.append(sd)
+    out, report = reshard_reader_states(states, old, new, tokenizer)
+    assert [s["documents"] for s in out] == [{"epoch": 0, "row": 7}] * 3
+    assert report.reread_rows == 1  # row 8 (reader 0); reader 1 stopped at 7
+    states[1]["documents"] = {"epoch": 1, "row": 4}  # one epoch ahead: rows 1, 3 of epoch 1 again
+    out, report = reshard_reader_states(states, old, new, tokenizer)
+    assert [s["documents"] for s in out] == [{"epoch": 0, "row": 10}] * 3
+    assert report.reread_rows == 2
