@@ -144,7 +144,8 @@ def test_real_data_stream_loses_no_document(runs, case, before, after):
     texts, rows = [], {}
     for which, world in (("first", before), ("second", after)):
         for rank in range(world):
-            batches = [json.loads(line) for line in (run / f"batches_{which}_rank{rank}.jsonl").read_text().splitlines()]
+            lines = (run / f"batches_{which}_rank{rank}.jsonl").read_text().splitlines()
+            batches = [json.loads(line) for line in lines]
             rows[which, rank] = sum(len(b) for b in batches)
             texts.append(tok.decode([t for b in batches for row in b for t in row]))
     # Each rank trained on its share of every step's global batch of 4 rows, before and after.

@@ -53,8 +53,8 @@ def recording_builders(log: Path):
         def __getattr__(self, name):  # state_dict, load_state_dict, load_resharded_state, skip_counts
             return getattr(self.inner, name)
 
-    return dataclasses.replace(Builders(), train_loader=lambda cfg, tok, env: Recording(default_train_loader(cfg, tok, env)),
-                               val_loader=lambda cfg, tok, env: None)
+    return dataclasses.replace(Builders(), val_loader=lambda cfg, tok, env: None,
+                               train_loader=lambda cfg, tok, env: Recording(default_train_loader(cfg, tok, env)))
 
 
 def main() -> None:
