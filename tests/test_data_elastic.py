@@ -132,3 +132,31 @@ def test_hf_stream_restarts_at_the_lowest_row_and_counts_rereads(tokenizer):  # 
     out, report = reshard_reader_states(states, old, new, tokenizer)
     assert [s["documents"] for s in out] == [{"epoch": 0, "row": 10}] * 3
     assert report.reread_rows == 2
+
+
+def test_num_workers_change_redeals_on_the_same_world_size(corpus, tokenizer, tmp_path):  # noqa: F811
+    """1 rank, no workers -> 1 rank, 2 worker processes: the trainer's restore re-deals the stream (the
+    readers per rank changed); the old leftover tokens open new reader 0's (worker 0's) stream."""
+    from lrqat_dist.checkpoint.elastic import restore_data
+    from lrqat_dist.checkpoint.layout import rank_file
+    from lrqat_dist.engines import DistEnv
+
+    cfg = DataConfig(train_files=corpus, seq_len=SEQ, shuffle_buffer=5, tokenize_batch=3)
+    old = build_train_loader(cfg, tokenizer, MBS, seed=5)
+    it = iter(old)
+    for _ in range(3):
+        next(it)
+    state = _roundtrip(old.state_dict())
+    torch.save({"data": state, "rng": None}, tmp_path / rank_file(0))
+    leftover = state["workers"][0]["state"]["packer"]["tokens"].tolist()
+    assert len(leftover) > 0
+
+    new = build_train_loader(DataConfig(**{**cfg.to_dict(), "num_workers": 2}), tokenizer, MBS, seed=5)
+    restore_data(new, tmp_path, {"world_size": 1}, DistEnv(0, 1, 0, torch.device("cpu")),
+                 {"data": state, "rng": None})
+    slots = new.state_dict()["workers"]
+    assert [s["state"]["packer"]["tokens"].tolist() for s in slots] == [leftover, []]
+    it = iter(new)
+    batches = [next(it)["input_ids"] for _ in range(2 * (len(leftover) // (MBS * SEQ) + 1))]
+    worker0 = torch.cat(batches[0::2]).flatten().tolist()  # batches alternate between the two workers
+    assert worker0[:len(leftover)] == leftover

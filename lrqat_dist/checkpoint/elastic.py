@@ -7,6 +7,7 @@ What each part needs on a new world size:
   the full tensors of ``trainable.safetensors``;
 - the data stream: every new rank reads the data states of *all* old ranks (``rank_*.pt``) and the
   loader re-deals what was left of the epoch (:meth:`lrqat_dist.data.TrainLoader.load_resharded_state`);
+  the same happens on the same world size when ``data.num_workers`` changed (:func:`restore_data`);
 - RNG: new rank ``r`` takes old rank ``r % N``'s states (nothing in an LLaMA step draws random numbers;
   the states are restored for what might).
 
@@ -44,6 +45,23 @@ def resharded_rank_state(path: Path, meta: dict[str, Any], env: DistEnv,
     states = [load(f) for f in files]
     logger.info("elastic resume: %s was written by %d ranks, this job has %d", path, old, env.world_size)
     return {"rng": states[env.rank % old]["rng"], RESHARDED_DATA: [s["data"] for s in states]}
+
+
+def restore_data(loader: Any, path: Path, meta: dict[str, Any], env: DistEnv, rank_state: dict[str, Any],
+                 load: Callable[[Path], dict[str, Any]]) -> None:
+    """Restore the train loader from a loaded rank state: exactly (same world size and readers per
+    rank), else by re-dealing every old rank's state (another world size, or another
+    ``data.num_workers``: the readers per rank changed); ``load`` reads one ``rank_*.pt`` file."""
+    if RESHARDED_DATA not in rank_state:
+        own = rank_state["data"]
+        slots = getattr(loader, "readers_per_rank", None)
+        if slots is None or own.get("workers_per_rank", slots) == slots:
+            loader.load_state_dict(own)
+            return
+        logger.info("data.num_workers changed since %s (%s -> %s readers per rank): re-dealing the data stream",
+                    path, own["workers_per_rank"], slots)
+        rank_state = resharded_rank_state(path, meta, env, load)
+    load_resharded_data(loader, rank_state[RESHARDED_DATA])
 
 
 def load_resharded_data(loader: Any, states: list[dict[str, Any]]) -> None:

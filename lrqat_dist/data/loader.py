@@ -181,6 +181,11 @@ class TrainLoader:
         return self._mbs
 
     @property
+    def readers_per_rank(self) -> int:
+        """Reader streams of this rank (``max(1, data.num_workers)``)."""
+        return self._slots
+
+    @property
     def batches_consumed(self) -> int:
         return self._consumed
 

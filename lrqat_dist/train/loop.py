@@ -24,8 +24,9 @@ from torch import nn
 
 from ..checkpoint import (CHECKPOINTS, CONFIG_FILE, TOKENIZER_DIR, Checkpointer, capture_rng, list_checkpoints,
                           require_meta, resolve_resume, restore_rng)
+from ..checkpoint.checkpointer import load_rank_state
+from ..checkpoint.elastic import restore_data
 from ..checkpoint.shared_fs import check_shared_output_dir
-from ..checkpoint.elastic import RESHARDED_DATA, load_resharded_data
 from ..checkpoint.warm_start import load_weights_only, weights_only_checkpoint
 from ..data import build_train_loader, build_val_loader
 from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
@@ -210,10 +211,8 @@ class Trainer:
             check_frozen_fingerprint(require_meta(ckpt).get("frozen_fingerprint"), self.frozen_fingerprint,
                                      f"resume from {ckpt}", cfg.train.accept_changed_base_model)
             meta, rank_state = self.checkpointer.load(ckpt, self.engine)
-            if RESHARDED_DATA in rank_state:  # written by a different number of ranks
-                load_resharded_data(self.train_loader, rank_state[RESHARDED_DATA])
-            else:
-                self.train_loader.load_state_dict(rank_state["data"])
+            # re-dealt on another world size or data.num_workers
+            restore_data(self.train_loader, ckpt, meta, env, rank_state, load_rank_state)
             restore_rng(rank_state["rng"], env.device)
             step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
             if env.is_main:
