@@ -226,7 +226,8 @@ class DeepSpeedEngine(Engine):
     @torch.no_grad()
     def assign_params(self, values: dict[str, torch.Tensor]) -> None:
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
+
+        from .deepspeed_elastic import set_full_hp
 
         params = dict(self.ds.module.named_parameters())
         wanted = [params[n] for n in values]
@@ -238,7 +239,7 @@ class DeepSpeedEngine(Engine):
         # ... and ZeRO's fp32 master partition, which would otherwise overwrite it at the next step.
         if self.zero_stage > 0:
             for p, v in zip(wanted, values.values()):
-                safe_set_full_fp32_param(p, v.to(device=p.device, dtype=torch.float32))
+                set_full_hp(p, v.to(dtype=torch.float32))  # also when ZeRO-3 pads p's last partition
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         import deepspeed

@@ -77,6 +77,36 @@ def read_full_optimizer_state(tag_dir: Path, names: list[str]) -> dict[str, Any]
     return out
 
 
+@torch.no_grad()
+def set_full_hp(param: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Set this rank's part of ZeRO's fp32 master (``key`` None) or of an optimizer state of ``param``
+    from its full value, for ZeRO 1-3 (collective under ZeRO-3 only in that every rank must call it).
+
+    ``deepspeed.utils.safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` do this too, but
+    under ZeRO-3 (DeepSpeed 0.19) they slice ``value`` at ``rank * partition_size`` for the full
+    partition size, which runs past the end on the last rank when the tensor's size is not a multiple
+    of the world size (DeepSpeed pads that partition): here the slice is cut at the end instead.
+    """
+    if not hasattr(param, "ds_id"):  # ZeRO-1/2: the fragment mapping handles uneven partitions
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    opt = param._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    if value.numel() != param.ds_numel:
+        raise ValueError(f"a tensor of {value.numel()} values for a parameter of {param.ds_numel}")
+    start = part.numel() * opt._get_param_partition_rank(param)
+    chunk = value.detach().flatten()[start:start + part.numel()].to(device=part.device, dtype=part.dtype)
+    part.zero_()
+    part[:chunk.numel()].copy_(chunk)
+    if opt._swappable_optimizer_subgroup(group):  # as DeepSpeed's own setter does (NVMe offload)
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
 def _set_step(state: dict[str, Any], step: float) -> None:
     old = state.get("step")
     if old is None or torch.is_tensor(old):
@@ -89,8 +119,6 @@ def _set_step(state: dict[str, Any], step: float) -> None:
 def load_resharded(engine: Any, tag_dir: Path, params: dict[str, torch.Tensor]) -> None:
     """Restore a :class:`~lrqat_dist.engines.deepspeed.DeepSpeedEngine` (ZeRO 1-3, any world size) from
     the full trainable tensors ``params`` and the optimizer state saved under ``tag_dir`` (collective)."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
     names = list(engine.trainable_names)
     saved = read_full_optimizer_state(tag_dir, names)
     engine.assign_params({n: params[n] for n in names})
@@ -111,7 +139,7 @@ def load_resharded(engine: Any, tag_dir: Path, params: dict[str, torch.Tensor]) 
     for key in MOMENTS:
         for n in names:
             p = live[n]
-            safe_set_full_optimizer_state(p, saved[key][n].to(device=p.device), key)
+            set_full_hp(p, saved[key][n], key)
     if saved["lr_scheduler"] is not None:
         engine.scheduler.load_state_dict(saved["lr_scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_last_lr()):

@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--phase", action="append", required=True, help="CASE:first, CASE:second or CASE:weights")
     p.add_argument("--kill-at", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rows", type=int, default=ROWS_PER_STEP, help="rows of the global batch of a step")
     p.add_argument("--data", help="train files of the *data engines")
     p.add_argument("--tokenizer", help="tokenizer directory of the *data engines")
     args = p.parse_args()
@@ -71,7 +72,8 @@ def main() -> None:
     from lrqat_dist.train.config import config_from_dict
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    mbs = ROWS_PER_STEP // (2 * world)
+    mbs = args.rows // (2 * world)
+    assert mbs * 2 * world == args.rows, f"--rows {args.rows} is not a multiple of 2 x {world} ranks"
     for phase in args.phase:
         case, which, *only = phase.split(":")  # an optional third field: engines joined by '+'
         for name in only[0].split("+") if only else args.engines.split(","):
