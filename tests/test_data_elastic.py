@@ -137,6 +137,7 @@ def test_hf_stream_restarts_at_the_lowest_row_and_counts_rereads(tokenizer):  # 
 def test_num_workers_change_redeals_on_the_same_world_size(corpus, tokenizer, tmp_path):  # noqa: F811
     """1 rank, no workers -> 1 rank, 2 worker processes: the trainer's restore re-deals the stream (the
     readers per rank changed); the old leftover tokens open new reader 0's (worker 0's) stream."""
+    from lrqat_dist.checkpoint.checkpointer import load_rank_state
     from lrqat_dist.checkpoint.elastic import restore_data
     from lrqat_dist.checkpoint.layout import rank_file
     from lrqat_dist.engines import DistEnv
@@ -153,7 +154,7 @@ def test_num_workers_change_redeals_on_the_same_world_size(corpus, tokenizer, tm
 
     new = build_train_loader(DataConfig(**{**cfg.to_dict(), "num_workers": 2}), tokenizer, MBS, seed=5)
     restore_data(new, tmp_path, {"world_size": 1}, DistEnv(0, 1, 0, torch.device("cpu")),
-                 {"data": state, "rng": None})
+                 {"data": state, "rng": None}, load_rank_state)
     slots = new.state_dict()["workers"]
     assert [s["state"]["packer"]["tokens"].tolist() for s in slots] == [leftover, []]
     it = iter(new)

@@ -204,7 +204,9 @@ class Trainer:
             raise FileNotFoundError(ckpt)
         step, self.tokens_seen = 0, 0
         self.nonfinite = NonfiniteGuard(cfg.train.max_nonfinite)
-        if status == "weights":
+        if status == "weights":  # A, B, s trained on top of the frozen state: it must be the same one
+            check_frozen_fingerprint(require_meta(ckpt).get("frozen_fingerprint"), self.frozen_fingerprint,
+                                     f"--resume weights:{ckpt}", cfg.train.accept_changed_base_model)
             load_weights_only(ckpt, self.engine, env)
             ckpt = None
         if ckpt is not None:
