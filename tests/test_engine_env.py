@@ -87,3 +87,20 @@ def test_timeout_minutes():
     for bad in (0, -1.0):
         with pytest.raises(ValueError, match="timeout_minutes: must be > 0"):
             DistConfig(timeout_minutes=bad)
+
+
+def test_srun_tasks_without_rank_are_refused(monkeypatch):
+    """srun without torchrun: several tasks, no RANK/WORLD_SIZE: every task would train alone as "rank
+    0 of 1" into the same output_dir; refused by name. One task (or a launcher's RANK) is fine."""
+    from lrqat_dist.engines.env import standalone_env
+
+    for var in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert standalone_env()["WORLD_SIZE"] == "1"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert standalone_env()["WORLD_SIZE"] == "1"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    with pytest.raises(RuntimeError, match="SLURM_STEP_NUM_TASKS=8.*torchrun"):
+        standalone_env()
+    monkeypatch.setenv("RANK", "3")  # torchrun inside the srun step describes the job
+    assert standalone_env() == {}

@@ -184,4 +184,4 @@ def test_trainer_rank_file_is_weights_only(tmp_path, base_dir):
     out = tmp_path / "run"
     train(config_from_dict(_job(out, base_dir)), resume="none", builders=synthetic_builders())
     state = torch.load(checkpoint_path(out, 2) / "rank_00000.pt", weights_only=True)
-    assert state["data"] == {"consumed": 2} and set(state["rng"]) == {"python", "numpy", "torch"}
+    assert state["data"]["consumed"] == 2 and set(state["rng"]) == {"python", "numpy", "torch"}

@@ -38,10 +38,13 @@ def test_weights_only_loads_the_trained_tensors_at_step_0(source, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_weights_only_refuses_other_shapes_missing_paths_and_used_output_dirs(source, tmp_path):
+def test_weights_only_refuses_other_shapes_and_missing_paths_and_a_requeue_resumes(source, tmp_path, caplog):
     with pytest.raises(ValueError, match=r"lora_A has shape \(8, 64\) there, \(4, 64\)"):
         train(_cfg(tmp_path / "r4", rank=4), resume=f"weights:{source}", builders=synthetic_builders())
     with pytest.raises(FileNotFoundError, match="--resume weights:"):
         train(_cfg(tmp_path / "x"), resume=f"weights:{tmp_path / 'nowhere'}", builders=synthetic_builders())
-    with pytest.raises(FileNotFoundError, match="already holds checkpoints"):
-        train(_cfg(source), resume=f"weights:{source}", builders=synthetic_builders())
+    # The same command again (a preempted job requeued) into an output_dir that holds this run's
+    # checkpoints: it resumes the newest (here the finished step 2) instead of starting over.
+    with caplog.at_level("WARNING"):
+        res = train(_cfg(source), resume=f"weights:{source}", builders=synthetic_builders())
+    assert res.step == 2 and "resuming the newest instead of starting again" in caplog.text

@@ -184,10 +184,17 @@ class DeepSpeedEngine(Engine):
             ds_norm = self.ds.get_global_grad_norm()
             norm = None if ds_norm is None else float(ds_norm)
         applied = self.ds.was_step_applied()
+        # Every rank learns every other's outcome (one all-reduce each), so a disagreement or a
+        # non-finite update that DeepSpeed applied raises on all ranks together, not on some (a hang).
         self.last_step_skipped = self.env.any(not applied)
-        if self.last_step_skipped and applied:
-            raise RuntimeError("deepspeed: this rank applied a step that another rank skipped as non-finite; "
+        mixed = self.last_step_skipped and self.env.any(applied)
+        nan_applied = self.env.any(applied and norm is not None and not math.isfinite(norm))
+        if mixed:
+            raise RuntimeError("deepspeed: some ranks applied a step that another rank skipped as non-finite; "
                                "the ranks' trainable tensors now differ")
+        if nan_applied:
+            raise RuntimeError(f"deepspeed: a step with a non-finite gradient norm ({norm}) was applied: this "
+                               "DeepSpeed version does not skip it (tested: 0.19.8); A, B, s are no longer finite")
         return norm
 
     def _boundary_step_without_update(self) -> None:

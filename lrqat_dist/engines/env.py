@@ -6,6 +6,9 @@ environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_
 node-specific is hard-coded here. MPI-style launchers (``mpirun``, ``deepspeed --launcher openmpi``,
 ``srun`` without torchrun) set no ``LOCAL_RANK`` before the process group exists: the local rank is then
 read from the MPI / SLURM variables (:data:`LOCAL_RANK_VARS`), so each process claims its own GPU.
+``srun`` tasks without torchrun must also export ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` /
+``MASTER_PORT`` (nothing here reads SLURM's rank and size); a multi-task step without them is refused
+(:func:`standalone_env`) instead of starting every task as a one-process job.
 """
 from __future__ import annotations
 
@@ -112,6 +115,14 @@ def standalone_env() -> dict[str, str]:
     deepspeed, mpirun) described the job. The engines put these in ``os.environ`` before joining."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
         return {}
+    # A multi-task job from a launcher we do not read rank and size from (srun without torchrun,
+    # MVAPICH2): starting as "rank 0 of 1" would make every task train alone into the same output_dir.
+    tasks = {v: os.environ[v] for v in ("SLURM_STEP_NUM_TASKS", "MV2_COMM_WORLD_SIZE") if v in os.environ}
+    if any(n.strip().isdigit() and int(n) > 1 for n in tasks.values()):
+        raise RuntimeError(f"this process is one of several tasks ({', '.join(f'{k}={v}' for k, v in tasks.items())}) "
+                           "but RANK / WORLD_SIZE are not set: start each node with torchrun (or the deepspeed "
+                           "launcher) inside the allocation, or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+                           "and MASTER_PORT per task (docs/launch-deepspeed.md)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -191,6 +191,12 @@ class Trainer:
         if env.is_main:
             try:
                 weights = weights_only_checkpoint(resume)  # weights:CKPT, a fresh run from its A, B, s
+                if weights and list_checkpoints(self.output_dir, warn=False):
+                    # a preempted weights-only run requeued with the same command: continue it
+                    logger.warning("%s already holds checkpoints of this run: resuming the newest instead of "
+                                   "starting again from %s (the weights: source only starts a fresh output_dir)",
+                                   self.output_dir, weights)
+                    weights, resume = None, "auto"
                 found = ("ok", None if weights else resolve_resume(resume, self.output_dir))
                 if found[1] is None and list_checkpoints(self.output_dir, warn=False):
                     found = ("error", f"{self.output_dir} already holds checkpoints; resume them (--resume auto) "
