@@ -161,6 +161,15 @@ def test_repeated_sigterm_keeps_the_save_and_sigint_twice_quits():
         os.kill(os.getpid(), signal.SIGTERM)  # e.g. SLURM and torchrun both signal the process
         time.sleep(0.05)
         assert guard.requested == signal.SIGTERM  # still saving, not killed
+    # The guard restores whatever SIGINT handler was there: make it Python's own, whatever ran before.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_twice_quits()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_twice_quits():
     with pytest.raises(KeyboardInterrupt):
         with PreemptionGuard() as guard:
             os.kill(os.getpid(), signal.SIGINT)
