@@ -131,15 +131,20 @@ def _gram_block(g2: torch.Tensor, x2: torch.Tensor, rows: slice) -> torch.Tensor
     return (g2[:, rows].t() @ x2).float()
 
 
+def _linear_saving_input(ctx, x: torch.Tensor, module, w: torch.Tensor) -> torch.Tensor:
+    """The fast Functions' forward: ``x W^T + b`` keeping only ``x`` (the weight is rebuilt in backward)."""
+    ctx.module = module
+    ctx.save_for_backward(x)
+    return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
+
+
 # --- LR-QAT ---------------------------------------------------------------------------------------
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, lora_a, lora_b, scale):
         w, _ = module.fused_rebuild(scratch=SCRATCH, compiled=module.compile_rebuild)
-        ctx.module = module
-        ctx.save_for_backward(x)
-        return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
+        return _linear_saving_input(ctx, x, module, w)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -270,9 +275,7 @@ class _DenseGradLinear(torch.autograd.Function):
     def forward(ctx, x, module, *params):
         with torch.no_grad():
             w = module.rebuilt_weight()
-        ctx.module = module
-        ctx.save_for_backward(x)
-        return F.linear(x, w.to(x.dtype), module.cast_bias(x.dtype))
+        return _linear_saving_input(ctx, x, module, w)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -338,9 +341,7 @@ class _DLQATLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, *params):
         w = module.fused_rebuild(scratch=SCRATCH)
-        ctx.module = module
-        ctx.save_for_backward(x)
-        return F.linear(x, _cast(w, x.dtype), module.cast_bias(x.dtype))
+        return _linear_saving_input(ctx, x, module, w)
 
     @staticmethod
     def backward(ctx, grad_out):
