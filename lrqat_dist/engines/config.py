@@ -106,6 +106,9 @@ class DistConfig:
                        DeepSpeedCPUAdam when offloaded: faster, JIT-compiled on first use).
     cpu_shm_comm:      build DeepSpeed's shared-memory collectives on CPU (a ~65 s JIT compile on first use).
     reshard_after_forward: FSDP2: free unsharded parameters after forward (re-gathered for backward).
+    shard_frozen:      shard the frozen per-layer tensors (Phi0, s0, zero-points) across ranks and gather
+                       them per decoder layer just in time (FSDP2 and DeepSpeed ZeRO-3 only); false =
+                       replicated on every rank, no communication for frozen weights.
     timeout_minutes:   how long any collective may wait for the other ranks (every engine's process group,
                        gloo and nccl); a rank that died or hangs ends the job after at most this long.
     """
@@ -118,6 +121,7 @@ class DistConfig:
     ds_optimizer: str = "torch"
     cpu_shm_comm: bool = False
     reshard_after_forward: bool = True
+    shard_frozen: bool = False
     timeout_minutes: float = 30.0
 
     def __post_init__(self):
@@ -131,6 +135,10 @@ class DistConfig:
             raise ValueError(f"ds_optimizer: expected 'torch' or 'deepspeed', got {self.ds_optimizer!r}")
         if not self.timeout_minutes > 0:
             raise ValueError(f"timeout_minutes: must be > 0, got {self.timeout_minutes}")
+        if self.shard_frozen and not (self.engine == "fsdp2" or (self.engine == "deepspeed" and self.zero_stage == 3)):
+            where = "one process" if self.engine == "none" else f"deepspeed ZeRO-{self.zero_stage}"
+            raise ValueError(f"shard_frozen: needs dist.engine fsdp2 or deepspeed with zero_stage 3, not {where} "
+                             "(the frozen weights are only sharded where the trainable ones are fully sharded)")
         if self.offload_optimizer and self.engine == "deepspeed" and self.zero_stage == 0:
             raise ValueError("offload_optimizer: needs dist.zero_stage >= 1")
 
