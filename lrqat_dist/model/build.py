@@ -26,7 +26,8 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
                          init_seed: int = 0, attn_implementation: str = "sdpa",
                          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                          lean: bool | None = None,
-                         prepare_fn: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+                         prepare_fn: Callable[[nn.Module], Any] | None = None,
+                         on_converted: Callable[[nn.Module, str], None] | None = None) -> nn.Module:
     """The prepared (quantized, frozen except the method's trainable tensors) model, deterministic
     given its arguments, with ``config.use_cache = False``.
 
@@ -46,6 +47,8 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
     random init: other values, for measuring 7B-70B shapes); ``False`` never does.
     ``prepare_fn(model)`` replaces ``prepare(model, quant)`` (e.g. the plain-LoRA reference of
     ``lrqat_dist.methods.lora_reference``); it runs under the same seed, and needs the eager path.
+    ``on_converted``: passed to ``prepare`` (called after each quantized linear is converted; used by
+    ``dist.shard_frozen`` to shard each decoder layer as soon as it is built).
     """
     if (path is None) == (config is None):
         raise ValueError("model: give exactly one of model.path (local HF directory) or model.config (random init)")
@@ -60,7 +63,7 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
     if lean:
         try:
             model = lean_build(quant, path=path, config=config, device=device, dtype=dtype, init_seed=init_seed,
-                               attn_implementation=attn_implementation)
+                               attn_implementation=attn_implementation, on_converted=on_converted)
             fp32_masters_(model, dtype)
             return model
         except LeanLoadUnsupported as e:
@@ -76,7 +79,7 @@ def build_prepared_model(quant: QATConfig, *, path: str | Path | None = None, co
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)  # the adapters' random init (drawn on the CPU), same on every rank
         if prepare_fn is None:
-            prepare(model, quant)
+            prepare(model, quant, on_converted=on_converted)
         else:
             prepare_fn(model)
     for p in model.parameters():

@@ -27,6 +27,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,6 +41,37 @@ FINGERPRINT_FORMAT = "sha256-per-module-v1"
 DIGEST_BYTES = 32
 OVERRIDE_KEY = "train.accept_changed_base_model"
 OVERRIDE_FLAG = "--accept-changed-base-model"
+
+
+# A model whose frozen buffers are sharded (``dist.shard_frozen``, lrqat_dist/engines/frozen_shard.py) holds
+# a ShardedFrozen under this attribute: what the fingerprints need from the full buffers, recorded
+# before each layer was sharded (its buffers are then views of storage that is freed at rest).
+SHARDED_ATTR = "lrqat_sharded_frozen"
+
+
+@dataclass
+class ShardedFrozen:
+    """What the fingerprints read from the full buffers of a sharded model, taken before sharding.
+
+    ``checksums``: full buffer name -> :func:`buffer_checksum` (the cross-rank "same build" check);
+    ``digests``: module name -> ``(owner rank, sha256 object over the module's sharded buffers (on the
+    owner only, else None), number of them)``: :func:`frozen_fingerprint` finishes it with the module's
+    remaining frozen tensors (frozen parameters, which are not sharded), on the owner rank."""
+
+    checksums: dict[str, torch.Tensor] = field(default_factory=dict)
+    digests: dict[str, tuple[int, Any, int]] = field(default_factory=dict)
+
+
+def sharded_record(model: nn.Module) -> ShardedFrozen | None:
+    return getattr(model, SHARDED_ATTR, None)
+
+
+@torch.no_grad()
+def buffer_checksum(b: torch.Tensor) -> torch.Tensor:
+    """float64 ``[2]``: (sum, position-weighted sum) of a tensor's values (cheap to compare across ranks)."""
+    v = b.detach().reshape(-1).double()
+    w = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.float64).remainder_(1021)
+    return torch.stack([v.sum(), (v * w).sum()])
 
 
 class FrozenStateMismatch(ValueError):
@@ -123,15 +155,25 @@ def frozen_bytes(model: nn.Module) -> int:
 # --- fingerprint --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _digest(items: list[tuple[str, torch.Tensor]]) -> bytes:
-    h = hashlib.sha256()
+def hash_items(items: list[tuple[str, torch.Tensor]], h: Any = None) -> Any:
+    """``h`` (default a new sha256) updated with each named tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256() if h is None else h
     for name, t in items:
         t = t.detach()
         h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|".encode())
         flat = t.reshape(-1).contiguous().cpu()
         if flat.numel():
             h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.digest()
+    return h
+
+
+def _digest(items: list[tuple[str, torch.Tensor]], start: tuple[int, Any, int] | None = None) -> bytes:
+    """sha256 of ``items``; ``start``: a :class:`ShardedFrozen` digest entry that already covers the
+    first items (hashed before sharding)."""
+    if start is None:
+        return hash_items(items).digest()
+    _, h, done = start
+    return hash_items(items[done:], h.copy()).digest()
 
 
 def _canonical(items: list[tuple[str, torch.Tensor]], param_dtype: torch.dtype | None
@@ -154,16 +196,23 @@ def frozen_fingerprint(model: nn.Module, param_dtype: torch.dtype | None = None,
     ``param_dtype``: the dtype frozen float parameters are hashed in (default: as they are).
     Distributed: rank ``r`` of ``world_size`` hashes modules ``r, r + W, ...`` and ``all_gather``
     (e.g. :meth:`lrqat_dist.engines.DistEnv.all_gather`) collects the digests; every rank returns the
-    whole fingerprint."""
+    whole fingerprint. A model with sharded frozen buffers (:class:`ShardedFrozen`) gets the same
+    fingerprint as unsharded: its modules' buffer bytes were hashed before sharding, by their owner rank."""
     groups = list(frozen_tensors(model).items())
+    record = sharded_record(model)
+    pre = {} if record is None else record.digests
     if param_dtype is None:
         floats = {t.dtype for _, items in groups for _, t in items if isinstance(t, nn.Parameter)
                   and t.is_floating_point()}
         param_dtype = next(iter(floats)) if len(floats) == 1 else None
-    mine = [i for i in range(len(groups)) if i % world_size == rank]
+    owner = [pre[name][0] if name in pre else i % world_size for i, (name, _) in enumerate(groups)]
+    if any(o >= world_size for o in owner):
+        raise ValueError(f"frozen_fingerprint: the frozen buffers were sharded over more than {world_size} ranks")
+    mine = [i for i in range(len(groups)) if owner[i] == rank]
     workers = threads or max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = dict(zip(mine, pool.map(lambda i: _digest(_canonical(groups[i][1], param_dtype)), mine)))
+        digests = dict(zip(mine, pool.map(
+            lambda i: _digest(_canonical(groups[i][1], param_dtype), pre.get(groups[i][0])), mine)))
     table = torch.zeros(len(groups), DIGEST_BYTES, dtype=torch.uint8)
     for i, d in digests.items():
         table[i] = torch.frombuffer(bytearray(d), dtype=torch.uint8)
@@ -171,7 +220,7 @@ def frozen_fingerprint(model: nn.Module, param_dtype: torch.dtype | None = None,
         if all_gather is None:
             raise ValueError("frozen_fingerprint: world_size > 1 needs all_gather")
         tables = all_gather(table)
-        table = torch.stack([tables[i % world_size][i] for i in range(len(groups))]) if groups else table
+        table = torch.stack([tables[owner[i]][i] for i in range(len(groups))]) if groups else table
     return {"format": FINGERPRINT_FORMAT,
             "param_dtype": None if param_dtype is None else str(param_dtype).replace("torch.", ""),
             "modules": {name: bytes(table[i].tolist()).hex() for i, (name, _) in enumerate(groups)}}

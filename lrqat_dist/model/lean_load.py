@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -148,7 +148,8 @@ def _meta_model(config: Any, attn_implementation: str) -> nn.Module:
 @torch.no_grad()
 def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | str | Path | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, init_seed: int = 0,
-               attn_implementation: str = "sdpa") -> nn.Module:
+               attn_implementation: str = "sdpa",
+               on_converted: Callable[[nn.Module, str], None] | None = None) -> nn.Module:
     """The prepared model of ``build_prepared_model`` (same arguments), built one
     linear at a time: peak host memory = the prepared model (when ``device`` is the CPU) + one base
     weight (and its range-init temporaries) in flight; on a GPU the host holds one tensor at a time.
@@ -219,7 +220,7 @@ def lean_build(quant: QATConfig, path: str | Path | None = None, config: dict | 
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)  # the adapters' random init, as the eager build
-        prepare(model, quant, load_linear=load_linear)
+        prepare(model, quant, load_linear=load_linear, on_converted=on_converted)
     for p in model.parameters():  # as the eager build: remaining frozen floats in the compute dtype
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)

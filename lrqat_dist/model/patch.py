@@ -12,7 +12,8 @@ from .activations import apply_activation_quant, move_input_quantizer
 
 
 def prepare(model: nn.Module, config: QATConfig,
-            load_linear: Callable[[str, nn.Linear], nn.Linear] | None = None) -> nn.Module:
+            load_linear: Callable[[str, nn.Linear], nn.Linear] | None = None,
+            on_converted: Callable[[nn.Module, str], None] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` whose last name component is in ``config.targets`` (in place).
 
     Everything else (embeddings, lm_head, norms) is frozen; afterwards the trainable parameters are
@@ -22,6 +23,8 @@ def prepare(model: nn.Module, config: QATConfig,
     ``load_linear(name, linear)``, when given, returns the linear to convert in place of ``linear``
     right before its conversion: lean loading (``lrqat_dist.model.lean_load``) builds the model on
     the ``meta`` device and reads each weight only then, so one base weight is in memory at a time.
+    ``on_converted(model, name)``, when given, is called right after each conversion (``dist.shard_frozen``
+    shards a decoder layer's frozen buffers as soon as its last linear is converted).
     """
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("prepare: model is already prepared (it contains quantized linears)")
@@ -37,6 +40,8 @@ def prepare(model: nn.Module, config: QATConfig,
         if load_linear is not None:
             linear = load_linear(name, linear)
         model.set_submodule(name, method.from_linear(linear, config, name))
+        if on_converted is not None:
+            on_converted(model, name)
     if config.activations is not None:
         apply_activation_quant(model, config.activations, [n for n, _ in chosen])
     model.qat_config = config

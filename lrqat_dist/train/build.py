@@ -19,6 +19,7 @@ from torch import nn
 
 from ..engines.env import resolve_dtype
 from ..model import build_prepared_model
+from ..model.frozen_state import buffer_checksum, sharded_record
 from .config import JobConfig
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def build_tokenizer(cfg: JobConfig, cache_dir: Path | None = None) -> Any:
     return tok
 
 
-def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                shard_frozen: bool = False) -> nn.Module:
     """The prepared (quantized, frozen except A, B, s) model of ``cfg``, deterministic given ``cfg``:
     :func:`lrqat_dist.model.build_prepared_model` of the ``model:`` and ``quant:`` sections.
 
@@ -72,6 +74,10 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch
     floats. Every rank must call this with the same config: buffers are not broadcast. A local
     safetensors directory is built one weight at a time (``lrqat_dist.model.lean_load``, same result
     bit for bit): the whole float model is never on the device, nor on the host beside the result.
+    ``shard_frozen`` (the trainer passes ``dist.shard_frozen``; export, consolidation and the tools
+    rebuild unsharded, in one process): each decoder layer's frozen buffers are sharded over the ranks
+    of the default process group as soon as the layer is built (:mod:`lrqat_dist.engines.frozen_shard`;
+    call it after the engine's ``setup``).
     """
     device = torch.device(device)
     dtype = dtype or resolve_dtype(cfg.train, device)
@@ -83,9 +89,23 @@ def build_model(cfg: JobConfig, device: torch.device | str = "cpu", dtype: torch
                          "(prepare, lrqat_dist.model.activations.calibrate_activations, your loop); the "
                          "trainer runs mode 'dynamic'")
     m = cfg.model
-    return build_prepared_model(cfg.quant, path=None if m.path is None else resolve_path(m.path), config=m.config,
-                                init_seed=m.init_seed, attn_implementation=m.attn_implementation, device=device,
-                                dtype=dtype)
+    sharder = None
+    if shard_frozen:  # each decoder layer keeps only this rank's shard as soon as it is built
+        from ..engines.frozen_shard import FrozenSharder
+
+        sharder = FrozenSharder(list(cfg.quant.targets))
+    model = build_prepared_model(cfg.quant, path=None if m.path is None else resolve_path(m.path), config=m.config,
+                                 init_seed=m.init_seed, attn_implementation=m.attn_implementation, device=device,
+                                 dtype=dtype, on_converted=None if sharder is None else sharder.on_converted)
+    if sharder is not None:
+        sharder.finish(model)
+    return model
+
+
+def build_train_model(cfg: JobConfig, device: torch.device | str) -> nn.Module:
+    """The model a training run builds: :func:`build_model`, sharding the frozen buffers when
+    ``dist.shard_frozen`` is set."""
+    return build_model(cfg, device, shard_frozen=cfg.dist.shard_frozen)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -105,10 +125,12 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def buffer_fingerprint(model: nn.Module) -> torch.Tensor:
-    """float64 ``[n_buffers, 2]`` (sum, position-weighted sum) of every buffer: cheap to compare across ranks."""
+    """float64 ``[n_buffers, 2]`` (sum, position-weighted sum) of every buffer: cheap to compare across ranks.
+    Sharded buffers (``dist.shard_frozen``) count with the checksums of their full tensors, taken before
+    sharding, so the check still compares what every rank built."""
+    record = sharded_record(model)
+    pre = {} if record is None else record.checksums
     rows = []
-    for _, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
-        v = b.detach().reshape(-1).double()
-        w = torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.float64).remainder_(1021)
-        rows.append(torch.stack([v.sum(), (v * w).sum()]))
+    for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        rows.append(pre[name].to(b.device) if name in pre else buffer_checksum(b))
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)

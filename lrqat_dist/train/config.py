@@ -67,6 +67,11 @@ class JobConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self):
+        if self.dist.shard_frozen and self.quant.method == "loqt":
+            raise ValueError("dist.shard_frozen: quant.method loqt rewrites its quantized weights during training "
+                             "(trained buffers); only frozen buffers can be sharded: set dist.shard_frozen=false")
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": to_dict(self.model), "quant": to_dict(self.quant), "data": self.data.to_dict(),
                 "train": to_dict(self.train), "dist": to_dict(self.dist), "log": to_dict(self.log)}

@@ -33,7 +33,7 @@ from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
 from ..engines.optim import SCHEDULE_KEYS, schedule_change
 from ..methods.hooks import group_windows, training_hooks
 from ..model.frozen_state import check_frozen_fingerprint, frozen_fingerprint
-from .build import buffer_fingerprint, build_model, build_tokenizer, enable_activation_checkpointing
+from .build import buffer_fingerprint, build_tokenizer, build_train_model, enable_activation_checkpointing
 from .config import JobConfig, dump_config, parse_yaml
 from .metrics import MetricsLogger, peak_memory_gb
 from .nonfinite import NanInjection, NonfiniteGuard
@@ -60,7 +60,7 @@ class Builders:
     synthetic train loader); each must give the same result on every rank where the docs say so."""
 
     tokenizer: Callable[[JobConfig, Path | None], Any] = build_tokenizer
-    model: Callable[[JobConfig, torch.device], nn.Module] = build_model
+    model: Callable[[JobConfig, torch.device], nn.Module] = build_train_model
     train_loader: Callable[[JobConfig, Any, DistEnv], Any] = default_train_loader
     val_loader: Callable[[JobConfig, Any, DistEnv], Any | None] = default_val_loader
 
