@@ -110,7 +110,9 @@ class LayerShard:
             self.work = None
         elif not self.resident:
             self.gather()
-            self._check_views()
+        else:
+            return
+        self._check_views()
 
     def free(self) -> None:
         if self.work is not None:
