@@ -27,15 +27,18 @@ ENGINES = {"fsdp2": ({"engine": "fsdp2"}, {"activation_checkpointing": True}),
            "ds3": ({"engine": "deepspeed", "zero_stage": 3}, {})}
 
 
-def run(out: Path, engine: str, downcast: str, shard: bool, kill_at: int | None, steps: int, rank: int) -> None:
+def run(out: Path, engine: str, downcast: str, shard: bool, kill_at: int | None, steps: int, rank: int,
+        model: dict | None = None, val_every: int = 2) -> None:
     from lrqat_dist.engines.frozen_shard import frozen_memory, reset_frozen_peak
     from lrqat_dist.train.config import config_from_dict
     from lrqat_dist.train.loop import Trainer
 
     dist_section, train_section = ENGINES[engine]
-    cfg = config_from_dict(job_dict(out, dist={**dist_section, "shard_frozen": shard},
-                                    quant={"downcast": downcast},
-                                    train={**train_section, "max_steps": steps, "val_every": 2, "save_every": 0}))
+    job = job_dict(out, dist={**dist_section, "shard_frozen": shard}, quant={"downcast": downcast},
+                   train={**train_section, "max_steps": steps, "val_every": val_every, "save_every": 0})
+    if model:  # a larger shape, for measuring
+        job["model"]["config"].update(model)
+    cfg = config_from_dict(job)
     record: dict = {"steps": {}, "seconds": []}
     for phase, resume in (("first", "none"), ("second", "auto")) if kill_at else (("only", "none"),):
         trainer = Trainer(cfg, synthetic_builders())
@@ -72,14 +75,18 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--no-rep", action="store_true", help="skip the replicated reference runs")
+    p.add_argument("--model", default="{}", help="JSON updates of the model config (measurement runs)")
+    p.add_argument("--val-every", type=int, default=2)
     args = p.parse_args()
     rank = int(os.environ["RANK"])
     root = Path(args.out_root)
     for case in args.cases.split(","):
         engine, downcast = case.split(":")
         if not args.no_rep:
-            run(root / f"{engine}-{downcast}-rep", engine, downcast, False, None, args.steps, rank)
-        run(root / f"{engine}-{downcast}-shard", engine, downcast, True, args.kill_at or None, args.steps, rank)
+            run(root / f"{engine}-{downcast}-rep", engine, downcast, False, None, args.steps, rank,
+                json.loads(args.model), args.val_every)
+        run(root / f"{engine}-{downcast}-shard", engine, downcast, True, args.kill_at or None, args.steps, rank,
+            json.loads(args.model), args.val_every)
 
 
 if __name__ == "__main__":
