@@ -10,9 +10,9 @@ Layout, per decoder layer: the bytes of its frozen buffers are laid out in one f
 ``full`` (each entry at a 16-byte aligned offset, the total padded to a multiple of ``16 * world``);
 each rank keeps only its contiguous chunk ``shard`` (its own storage), and each module buffer becomes a
 typed view ``full[off:off + n].view(dtype).view(shape)``. Freeing a layer is
-``full.untyped_storage().resize_(0)``; gathering is ``resize_`` + ``all_gather_into_tensor(full,
-shard)`` (``all_gather_single``). The views, and any reference autograd saved to them, stay valid across free and re-gather
-(FSDP2's own trick for its unsharded parameters).
+``full.untyped_storage().resize_(0)``; gathering is ``resize_`` + ``all_gather_single(full, shard)``
+(torch 2.13's name of ``all_gather_into_tensor``; gloo and nccl). The views, and any reference autograd
+saved to them, stay valid across free and re-gather (FSDP2's own trick for its unsharded parameters).
 
 Building (:class:`FrozenSharder`): the layers are sharded while they are built, right after the last
 quantized linear of a layer is converted (``prepare``'s ``on_converted``), with no communication
@@ -56,14 +56,19 @@ ALIGN = 16  # bytes: every entry's offset, so that any dtype view of it is align
 SHARDS_ATTR = "_lrqat_frozen_shards"  # the FrozenShards object of a sharded model
 
 
+def _frozen_buffers(module: QuantLinear) -> list[tuple[str, torch.Tensor]]:
+    """The frozen per-layer tensors of ``module``: its persistent buffers that training does not rewrite."""
+    return [(n, b) for n, b in module.named_buffers(recurse=False)
+            if n not in module._non_persistent_buffers_set and n not in module.trained_buffers]
+
+
 def _sharded_buffers(module: QuantLinear, name: str) -> list[tuple[str, torch.Tensor]]:
-    """The buffers of ``module`` that are sharded: every persistent one (all frozen)."""
+    """The buffers of ``module`` that are sharded: all of them, which must be frozen."""
     if module.trained_buffers:
         raise ValueError(f"dist.shard_frozen: {name} ({type(module).__name__}) rewrites its buffers "
                          f"{list(module.trained_buffers)} during training (LoQT); only frozen buffers can be "
                          "sharded: set dist.shard_frozen=false for this method")
-    return [(n, b) for n, b in module.named_buffers(recurse=False)
-            if n not in module._non_persistent_buffers_set]
+    return _frozen_buffers(module)
 
 
 @dataclass
@@ -377,14 +382,14 @@ def frozen_memory(model: nn.Module) -> dict[str, int]:
       gather; replicated: = ``resident``, nothing changes);
     - ``full``: the bytes of those tensors, unsharded (what replicated mode holds on every rank).
     """
-    full = sum(b.numel() * b.element_size() for n, m in model.named_modules() if isinstance(m, QuantLinear)
-               for _, b in _sharded_buffers(m, n))
+    full = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear)
+               for _, b in _frozen_buffers(m))
     shards = frozen_shards(model)
     if shards is None:
         seen: dict[int, int] = {}
-        for n, m in model.named_modules():
+        for m in model.modules():
             if isinstance(m, QuantLinear):
-                for _, b in _sharded_buffers(m, n):
+                for _, b in _frozen_buffers(m):
                     st = b.untyped_storage()
                     seen[st.data_ptr()] = st.nbytes()
         resident = sum(seen.values())
