@@ -186,7 +186,7 @@ def fit(ap, args, shape: ModelShape, fields: dict) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", default=None, help="preset name, config.json or HF model directory")
@@ -219,6 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gb", type=float, default=None, help="device memory (GiB) to fit")
     ap.add_argument("--reserve-gb", type=float, default=1.0, help="kept free for CUDA context / fragmentation")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     fields: dict = {}
