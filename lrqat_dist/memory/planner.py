@@ -45,8 +45,8 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
   a time. With ``shard_frozen`` (``dist.shard_frozen``, issue 16) the frozen per-layer tensors too
   (Phi0 in its storage format, s0, zero-points; PEQA/RTN codes): ``1/world`` of them per rank, plus the
   gathered full tensors of :data:`FROZEN_GATHERED_LAYERS` decoder layers (the current one and, with
-  prefetch, the next) and one layer's all-gather staging buffer (:data:`FROZEN_GATHER_STAGING`), in
-  flight through forward and backward (not at the optimizer step). DeepSpeed (0.19 source, not measured here) allocates its gradient reduce bucket at full
+  prefetch, the next; plus :data:`FROZEN_GATHER_STAGING` layers of all-gather staging, 0 for our
+  mechanism), in flight through forward and backward (not at the optimizer step). DeepSpeed (0.19 source, not measured here) allocates its gradient reduce bucket at full
   ``reduce_bucket_size`` (default 5e8 elements, fp32: 2 GB; twice with ``overlap_comm``, which ZeRO-3
   turns on by default), ZeRO 1-2 keep an fp32 copy of their parameter partition, ZeRO-3 a flat fp32
   gradient partition. ``offload_optimizer`` moves the optimizer state and fp32 partitions to the host.
@@ -93,11 +93,13 @@ LOSS_BYTES_PER_LOGIT = 12  # three fp32 N x V tensors alive at once around the c
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 # dist.shard_frozen (issue 16): how many decoder layers' frozen tensors are gathered (full size) at once,
 # with and without prefetching the next layer's all-gather, and how many layers' worth of all-gather
-# output buffer is alive beside them while it is copied into the gathered tensors (0 when the gather
-# writes straight into their storage). Assumptions until the sharding mechanism is measured: the
-# current layer plus the prefetched next one, and one staging copy (what FSDP2's copy-out does).
+# staging buffer is alive beside them (0: the mechanism, engines/frozen_shard.py, all-gathers straight
+# into the layer's flat buffer that the module buffers view; an FSDP2-style copy-out would make it 1).
+# Measured on CPU (gloo, 2 and 4 ranks, 2- and 4-layer models, with and without checkpointing: the
+# mechanism's own peak count, lrqat_dist.memory.benchmark.bench_dist): 2 gathered layers with prefetch,
+# no staging. Not measured with NCCL.
 FROZEN_GATHERED_LAYERS = {True: 2, False: 1}  # keyed by prefetch on / off
-FROZEN_GATHER_STAGING = 1.0
+FROZEN_GATHER_STAGING = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,8 +525,7 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
         gather -= (e * shape.embedding_params + layer_floats) / w  # their shards are already counted
 
     # shard_frozen: the gathered frozen tensors of the current (and prefetched) layer, full size, beside
-    # the rank's own shards, plus one layer's all-gather staging buffer; LoRA's base weight is already in
-    # ``gather`` (a Parameter)
+    # the rank's own shards (+ any staging); LoRA's base weight is already in ``gather`` (a Parameter)
     frozen_gather = 0.0
     if cfg.shard_frozen and cfg.method != LORA:
         frozen_gather = (cfg.frozen_gathered_layers + FROZEN_GATHER_STAGING) * lin_frozen / L
