@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from lrqat_dist.memory.benchmark import bench_dist
+from lrqat_dist.memory.benchmark import CASES, bench_dist
 from lrqat_dist.memory.planner import FROZEN_GATHERED_LAYERS
 
 # 4 decoder layers: with prefetch 2 of them gathered at once is distinguishable from "all of them"
-MODEL = {"hidden": 512, "intermediate": 2048, "layers": 4, "heads": 8, "kv_heads": 2, "vocab": 512, "name": "test-4l"}
+MODEL = CASES["test-4l"]["model"]
 
 
 @pytest.mark.parametrize("shard_frozen", [False, True], ids=["replicated", "shard_frozen"])

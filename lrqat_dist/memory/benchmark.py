@@ -53,6 +53,11 @@ CASES: dict[str, dict[str, Any]] = {
     "test": dict(model={"hidden": 512, "intermediate": 2048, "layers": 2, "heads": 8, "kv_heads": 2,
                         "vocab": 512, "name": "test-2l"}, batch=2, seq=256, dtype="fp32",
                  methods=["lrqat-fixed", "lrqat-fixed+autograd"]),
+    # the multi-process case (tests/test_memory_plan_dist.py, bench_memory.py --dist): 4 layers, so that
+    # dist.shard_frozen's 2 gathered layers are not the whole model
+    "test-4l": dict(model={"hidden": 512, "intermediate": 2048, "layers": 4, "heads": 8, "kv_heads": 2,
+                           "vocab": 512, "name": "test-4l"}, batch=2, seq=256, dtype="fp32",
+                    methods=["lrqat-fixed", "lrqat-fixed+ckpt"]),
     "small": dict(model={"hidden": 512, "intermediate": 1376, "layers": 2, "heads": 8, "kv_heads": 2,
                          "vocab": 8192, "name": "small-2l"}, batch=4, seq=256, dtype="fp32",
                   methods=["lrqat-fixed", "full_qat"]),

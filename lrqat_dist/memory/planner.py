@@ -46,7 +46,8 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
   (Phi0 in its storage format, s0, zero-points; PEQA/RTN codes): ``1/world`` of them per rank, plus the
   gathered full tensors of :data:`FROZEN_GATHERED_LAYERS` decoder layers (the current one and, with
   prefetch, the next; plus :data:`FROZEN_GATHER_STAGING` layers of all-gather staging, 0 for our
-  mechanism), in flight through forward and backward (not at the optimizer step). DeepSpeed (0.19 source, not measured here) allocates its gradient reduce bucket at full
+  mechanism), in flight through forward and backward (not at the optimizer step). DeepSpeed (0.19
+  source, not measured here) allocates its gradient reduce bucket at full
   ``reduce_bucket_size`` (default 5e8 elements, fp32: 2 GB; twice with ``overlap_comm``, which ZeRO-3
   turns on by default), ZeRO 1-2 keep an fp32 copy of their parameter partition, ZeRO-3 a flat fp32
   gradient partition. ``offload_optimizer`` moves the optimizer state and fp32 partitions to the host.
