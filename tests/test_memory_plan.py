@@ -209,3 +209,153 @@ def test_planned_methods_come_from_the_registry():
                 PlanConfig(method=name)
     with pytest.raises(ValueError, match="unknown"):
         PlanConfig(method="qlora")
+
+
+# ----------------------------------------------------------------------------------------------
+# dist.shard_frozen (issue 16): the planner's model of the sharded frozen weights and the 24 GB recipes
+# ----------------------------------------------------------------------------------------------
+# LLaMA-2 70B: 68,451,041,280 weights in the 560 quantized linears; s0 is fp32 per output channel,
+# 83,968 outputs per layer x 80 layers x 4 bytes = 26,869,760 bytes.
+PHI_70B, S0_70B = 68_451_041_280, 26_869_760
+
+
+@pytest.mark.parametrize("engine,stage", [("fsdp2", 2), ("deepspeed", 3)])
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_sharded_frozen_bytes_are_the_replicated_ones_over_world(engine, stage, world):
+    s = ModelShape.preset("llama2-70b")
+    assert s.linear_params == PHI_70B
+    for downcast, phi_per_weight in (("fixed", 1.0), ("int-packed", 0.5), ("bf16", 2.0)):
+        cfg = PlanConfig(engine=engine, zero_stage=stage, world_size=world, downcast=downcast,
+                         activation_checkpointing=True)
+        rep, sh = plan(s, cfg), plan(s, replace(cfg, shard_frozen=True))
+        per_layer = phi_per_weight * PHI_70B + S0_70B  # Phi0 + s0 of the whole model, replicated
+        assert rep.frozen - sh.frozen == per_layer * (1 - 1 / world)  # exact: each rank keeps 1/world
+        # what stays replicated (bf16 embeddings / norms sharded by the engine anyway, RoPE buffers)
+        assert sh.frozen - per_layer / world == rep.frozen - per_layer
+        # in flight: the current and the prefetched layer, full size (gathered straight into their buffer)
+        assert sh.frozen_gather == pytest.approx(2 * per_layer / s.layers)
+        assert rep.frozen_gather == 0
+        assert plan(s, replace(cfg, shard_frozen=True, frozen_prefetch=False)).frozen_gather == pytest.approx(
+            per_layer / s.layers)
+        # everything else is unchanged: the peak moves by exactly the two terms
+        assert (sh.trainable, sh.gradients, sh.optimizer, sh.activations, sh.gather) == (
+            rep.trainable, rep.gradients, rep.optimizer, rep.activations, rep.gather)
+        assert sh.peak_moment == rep.peak_moment == "backward (last layer)"
+        assert sh.peak == pytest.approx(rep.peak - per_layer * (1 - 1 / world) + sh.frozen_gather)
+    # 70B Q4.4 over 8 ranks: 8.0 GiB of Phi0 + s0 per rank instead of 63.8
+    sh8 = plan(s, PlanConfig(engine="fsdp2", world_size=8, shard_frozen=True))
+    assert 7.9 < (PHI_70B + S0_70B) / 8 / GiB < 8.0 and 8.0 < sh8.frozen / GiB < 8.2
+
+
+def test_shard_frozen_zero_points_and_codes_are_sharded_too():
+    """Asymmetric groups add fp32 s0 and int32 zero-points per group, PEQA stores int16 codes: all frozen,
+    all sharded. LLaMA-2 13B: 12,687,769,600 quantized weights, 99,123,200 groups of 128."""
+    s = ModelShape.preset("llama2-13b")
+    assert s.linear_params == 12_687_769_600
+    asym = PlanConfig(engine="fsdp2", world_size=4, symmetric=False, group_size=128, downcast="int-packed")
+    peqa = PlanConfig(method="peqa", engine="fsdp2", world_size=4)
+    for cfg, frozen_layers in ((asym, 6_343_884_800 + 8 * 99_123_200),  # packed codes + s0 + zero-point
+                               (peqa, 2 * 12_687_769_600)):  # int16 codes (its scales are trained)
+        rep, sh = plan(s, cfg), plan(s, replace(cfg, shard_frozen=True))
+        assert rep.frozen - sh.frozen == frozen_layers * 3 / 4
+        assert sh.frozen_gather == pytest.approx(2 * frozen_layers / s.layers)
+    # LoRA's base weight is an nn.Parameter: the engine shards it already, shard_frozen changes nothing
+    lora = PlanConfig(method="lora", engine="fsdp2", world_size=4)
+    assert plan(s, replace(lora, shard_frozen=True)).peak == plan(s, lora).peak
+
+
+def test_shard_frozen_needs_a_fully_sharding_engine():
+    for kw in ({"engine": "none"}, {"engine": "deepspeed", "zero_stage": 2, "world_size": 2}):
+        with pytest.raises(ValueError, match="shard_frozen: needs engine fsdp2 or deepspeed with zero_stage 3"):
+            PlanConfig(shard_frozen=True, **kw)
+    PlanConfig(shard_frozen=True, engine="deepspeed", zero_stage=3, world_size=2)
+
+
+def _fit_args(*argv):
+    tool = _tool("memory_plan")
+    return tool, tool.build_parser().parse_args(list(argv))
+
+
+def test_70b_fits_8x24gb_only_with_sharding():
+    """Every engine / Phi0 storage / checkpointing / offload setting of LLaMA-2 70B on 8 x 24 GiB:
+    none fits with Phi0 replicated; sharded, Q4.4 with checkpointing fits up to micro-batch 5."""
+    s = ModelShape.preset("llama2-70b")
+    tool, args = _fit_args("--model", "llama2-70b", "--world-size", "8", "--budget-gb", "24", "--fit")
+    cands = tool.fit_candidates(s, {}, args)
+    assert len(cands) == 24  # 2 engines x 2 shard x 2 phi x 2 ckpt, + DeepSpeed's offload on/off
+    assert all(largest == 0 for cfg, largest in cands if not cfg.shard_frozen)
+    best = min(plan(s, replace(cfg, micro_batch=1)).peak for cfg, _ in cands if not cfg.shard_frozen)
+    assert best / GiB > 36  # packed INT4, checkpointing, offload: Phi0 alone is 31.9 GiB per GPU
+    fitting = {(c.engine, c.downcast, c.activation_checkpointing, c.offload_optimizer): m for c, m in cands if m}
+    assert fitting[("fsdp2", "fixed", True, False)] == 5
+    assert fitting[("fsdp2", "int-packed", True, False)] == 8
+    assert all(ck for _, _, ck, _ in fitting)  # 26 GiB of activations per sequence without checkpointing
+    cfg, largest = cands[[m >= 1 for _, m in cands].index(True)]  # the recommended one
+    assert (cfg.engine, cfg.shard_frozen, cfg.downcast, cfg.activation_checkpointing) == ("fsdp2", True, "fixed", True)
+
+
+def _recipe_plan(name: str, model: str, world: int):
+    tool = _tool("memory_plan")
+    fields, _, _ = tool.recipe_defaults(str(ROOT / "configs" / name))
+    return ModelShape.preset(model), PlanConfig(world_size=world, **fields)
+
+
+def test_shipped_24gb_recipes_fit_and_need_sharding():
+    for name, model, world, mb, largest_sharded, largest_replicated in (
+            ("llama2-70b-w4pc-8x24gb.yaml", "llama2-70b", 8, 4, 5, 0),
+            ("llama2-13b-w4pc-2x24gb.yaml", "llama2-13b", 2, 16, 19, 12)):
+        s, cfg = _recipe_plan(name, model, world)
+        assert cfg.shard_frozen and cfg.engine == "fsdp2" and cfg.downcast == "fixed" and cfg.micro_batch == mb
+        p = plan(s, cfg)
+        assert p.peak + GiB <= 24 * GiB, (name, p.peak / GiB)
+        assert 19.5 < p.peak / GiB < 20.5  # 70B: 19.72 at the backward, 13B: 20.27 at the loss
+        assert max_micro_batch(s, cfg, 24 * GiB) == largest_sharded
+        assert max_micro_batch(s, replace(cfg, shard_frozen=False), 24 * GiB) == largest_replicated < mb
+
+
+def test_cli_fit_prints_the_recipe():
+    tool = _tool("memory_plan")
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert tool.main(["--model", "llama2-70b", "--world-size", "8", "--budget-gb", "24", "--fit",
+                          "--micro-batch", "4"]) == 0
+    text = buf.getvalue()
+    assert "llama2-70b on 8 x 24 GiB" in text
+    assert ("recommended: fsdp2, shard_frozen on, phi fixed, checkpointing on, offload off: micro-batch 4 peaks at "
+            "19.72 GiB") in text and "largest micro-batch 5" in text
+    assert "| fsdp2 | on | fixed | on | off | 14.62 | 5 | yes  <- recommended |" in text
+    assert "| fsdp2 | off | fixed | on | off | 68.83 | 0 | no |" in text
+    assert ("torchrun --nproc_per_node 8 launch/train.py --config RECIPE.yaml --set quant.downcast=fixed "
+            "--set train.micro_batch_size=4 --set train.activation_checkpointing=true --set dist.engine=fsdp2 "
+            "--set dist.shard_frozen=true") in text
+    assert "gathered frozen layers" in text
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):  # 13B on 2 x 24 GiB, the whole 32-sequence step in one micro-step per rank
+        assert tool.main(["--model", "llama2-13b", "--world-size", "2", "--budget-gb", "24", "--fit",
+                          "--micro-batch", "16"]) == 0
+        # pinned dimensions: replicated Phi0 only -> Q4.4 cannot reach 16, packed INT4 is what is left
+        assert tool.main(["--model", "llama2-13b", "--world-size", "2", "--budget-gb", "24", "--fit",
+                          "--micro-batch", "16", "--shard-frozen", "off", "--engine", "fsdp2"]) == 0
+        # 70B on 2 x 24 GiB: nothing fits (exit status 1)
+        assert tool.main(["--model", "llama2-70b", "--world-size", "2", "--budget-gb", "24", "--fit"]) == 1
+    text = buf.getvalue()
+    assert "recommended: fsdp2, shard_frozen on, phi fixed, checkpointing on, offload off: micro-batch 16" in text
+    assert "recommended: fsdp2, shard_frozen off, phi int-packed, checkpointing on" in text
+    assert "nothing fits micro-batch 1 on 2 x 24 GiB" in text
+
+
+def test_cli_shard_frozen_column_and_recipe_key():
+    tool = _tool("memory_plan")
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert tool.main(["--model", "llama2-70b", "--engine", "fsdp2", "--world-size", "8", "--ckpt", "on",
+                          "--shard-frozen", "off,on", "--budget-gb", "24"]) == 0
+    rows = [line for line in buf.getvalue().splitlines() if line.startswith("| lrqat")]
+    assert [r.split("|")[4].strip() for r in rows] == ["off", "on"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["0", "5"]  # largest micro-batch in 24 GiB
+    fields, _, _ = tool.recipe_defaults(str(ROOT / "configs/llama2-70b-w4pc-zero3.yaml"))
+    assert fields["shard_frozen"] is False
+    with pytest.raises(SystemExit):  # shard_frozen on ZeRO-2 is refused, as dist.shard_frozen is
+        with redirect_stdout(io.StringIO()):
+            tool.main(["--model", "llama2-7b", "--engine", "deepspeed", "--zero-stage", "2", "--shard-frozen", "on"])

@@ -20,6 +20,12 @@ sensitive to other jobs); compare methods as ratios within one invocation.
     python tools/bench_memory.py --case load               # host peak of building SmolLM2: eager vs lean
     python tools/bench_memory.py --temporaries             # weight-rebuild temporaries of one 11008x4096 layer
     python tools/bench_memory.py --case smollm2 --methods lora,lrqat-fixed --json out.json
+    python tools/bench_memory.py --case test --dist 2,4 --shard-frozen on   # per-rank peak, torchrun + gloo
+
+``--dist WORLD`` (comma list) runs the case's methods as one torchrun launch of WORLD gloo processes
+with FSDP2 (``dist.shard_frozen`` from ``--shard-frozen``): every rank measures its own peak (tensors
+at rest + peak RSS increase over the steps) against the planner's per-rank plan
+(``lrqat_dist.memory.benchmark.bench_dist``); no step timing.
 
 The measuring (workers, one fresh process per method; the model built by the library's one builder)
 is ``lrqat_dist.memory.benchmark``; this file is its command line and table.
@@ -38,7 +44,7 @@ import os
 import sys
 from pathlib import Path
 
-from lrqat_dist.memory.benchmark import CASES, add_prediction, bench_case, run_worker
+from lrqat_dist.memory.benchmark import CASES, add_prediction, bench_case, bench_dist, run_worker
 
 
 def _f(x) -> str:
@@ -68,6 +74,20 @@ def markdown(rows: list[dict], reference: str = "lora") -> str:
     return "\n".join(lines)
 
 
+def markdown_dist(rows: list[dict]) -> str:
+    lines = ["| model | method | world | shard_frozen | rank | tensors at rest MiB (meas / pred) | peak MiB measured | "
+             "peak MiB planner | err | dynamic err | peak RSS MiB | frozen peak / at rest MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frozen = (f"{r['frozen_peak'] / 2**20:.1f} / {r['static_frozen_shards'] / 2**20:.1f}"
+                  if r["frozen_full"] else "-")
+        lines.append(f"| {r['case']} | {r['method']} | {r['world_size']} | {'on' if r['shard_frozen'] else 'off'} | "
+                     f"{r['rank']} | {r['static_walk'] / 2**20:.1f} / {r['static_pred'] / 2**20:.1f} | "
+                     f"{r['peak_measured'] / 2**20:.1f} | {r['peak_pred'] / 2**20:.1f} | {r['err_total']:+.1%} | "
+                     f"{r['err_dynamic']:+.1%} | {r['peak_rss'] / 2**20:.1f} | {frozen} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", choices=sorted(CASES) + ["load"], default=None)
@@ -79,6 +99,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the workers (default: torch's)")
     ap.add_argument("--temporaries", action="store_true", help="calibrate the weight-rebuild temporaries")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--dist", default=None, metavar="WORLD",
+                    help="multi-process: torchrun this many gloo ranks (comma list), FSDP2, per-rank peaks")
+    ap.add_argument("--shard-frozen", default="off", choices=["on", "off"], help="dist.shard_frozen with --dist")
     ap.add_argument("--replan", default=None, metavar="JSON",
                     help="re-predict the rows of an earlier --json output with the current planner (no measuring)")
     args = ap.parse_args(argv)
@@ -110,6 +133,23 @@ def main(argv=None):
                   f"prepared model {res['final_bytes'] / 2**20:.0f} MiB, held after {res['end_delta'] / 2**20:.0f} MiB, "
                   f"{res['build_s']:.1f} s", flush=True)
         out["load"] = rows
+    elif args.case and args.dist:
+        import tempfile
+
+        case = CASES[args.case]
+        rows = []
+        for world in (int(w) for w in args.dist.split(",")):
+            for method in (args.methods.split(",") if args.methods else case["methods"]):
+                with tempfile.TemporaryDirectory(prefix="bench_memory_dist_") as tmp:
+                    spec = dict(model=case["model"], method=method, batch=args.batch or case["batch"],
+                                seq=args.seq or case["seq"], dtype=case["dtype"], rank=case.get("rank", 32),
+                                engine="fsdp2", world=world, shard_frozen=args.shard_frozen == "on",
+                                mem_steps=args.mem_steps, out=tmp)
+                    for r in bench_dist(spec, threads=args.threads or 1):
+                        r["case"] = args.case
+                        rows.append(r)
+        print(markdown_dist(rows))
+        out["dist_rows"] = rows
     elif args.case:
         case = dict(CASES[args.case])
         if args.methods:

@@ -53,6 +53,11 @@ CASES: dict[str, dict[str, Any]] = {
     "test": dict(model={"hidden": 512, "intermediate": 2048, "layers": 2, "heads": 8, "kv_heads": 2,
                         "vocab": 512, "name": "test-2l"}, batch=2, seq=256, dtype="fp32",
                  methods=["lrqat-fixed", "lrqat-fixed+autograd"]),
+    # the multi-process case (tests/test_memory_plan_dist.py, bench_memory.py --dist): 4 layers, so that
+    # dist.shard_frozen's 2 gathered layers are not the whole model
+    "test-4l": dict(model={"hidden": 512, "intermediate": 2048, "layers": 4, "heads": 8, "kv_heads": 2,
+                           "vocab": 512, "name": "test-4l"}, batch=2, seq=256, dtype="fp32",
+                    methods=["lrqat-fixed", "lrqat-fixed+ckpt"]),
     "small": dict(model={"hidden": 512, "intermediate": 1376, "layers": 2, "heads": 8, "kv_heads": 2,
                          "vocab": 8192, "name": "small-2l"}, batch=4, seq=256, dtype="fp32",
                   methods=["lrqat-fixed", "full_qat"]),
@@ -242,7 +247,123 @@ def worker_temporaries(spec: dict) -> dict:
     return rows
 
 
-WORKERS = {"train": worker_train, "load": worker_load, "temporaries": worker_temporaries}
+# ----------------------------------------------------------------------------------------------
+# multi-process: one torchrun launch, every rank measures its own peak against the per-rank plan
+# ----------------------------------------------------------------------------------------------
+DIST_ENGINES = ("fsdp2",)  # DeepSpeed: its warm-up would need a step (see worker_dist_train); not yet
+
+
+def local_tensor_bytes(model) -> dict[str, int]:
+    """This rank's bytes of the model's tensors: parameters as held locally (an FSDP2 DTensor's shard),
+    buffers by their current storage (a buffer whose storage is released at rest, as ``dist.shard_frozen``
+    does between gathers, counts 0); distinct storages once."""
+    seen: set[int] = set()
+    out = {"params": 0, "buffers": 0}
+    for kind, tensors in (("params", model.parameters()), ("buffers", model.buffers())):
+        for t in tensors:
+            t = getattr(t, "_local_tensor", t)  # DTensor -> its local shard
+            st = t.untyped_storage()
+            if st.nbytes() and st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                out[kind] += st.nbytes()
+    return out
+
+
+def _frozen_shard_bytes(model) -> dict[str, int]:
+    """``dist.shard_frozen``'s own count (resident shards at rest, peak with gathered layers, full size)
+    when the tree has the mechanism and the model was sharded; zeros otherwise (a replicated model's frozen
+    buffers are module buffers, in :func:`local_tensor_bytes`)."""
+    try:
+        from ..engines.frozen_shard import frozen_memory, frozen_shards
+    except ImportError:  # the tree predates issue 16's mechanism
+        return {"resident": 0, "peak": 0, "full": 0}
+    if frozen_shards(model) is None:
+        return {"resident": 0, "peak": 0, "full": 0}
+    return frozen_memory(model)
+
+
+def _reset_frozen_peak(model) -> None:
+    try:
+        from ..engines.frozen_shard import reset_frozen_peak
+    except ImportError:
+        return
+    reset_frozen_peak(model)
+
+
+def dist_job(spec: dict) -> dict:
+    """The training job (``lrqat_dist.train`` config sections) one rank of a multi-process case runs."""
+    m = parse_method(spec["method"])
+    if m["method"] == LORA:
+        raise ValueError("method: the multi-process case measures the library's methods, not the LoRA reference")
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec["dtype"]]
+    return {
+        "model": {"config": shape_of(spec["model"]).hf_config(), "init_seed": 0, "tokenizer": "unused"},
+        "quant": {"method": m["method"], "bits": spec.get("bits", 4), "rank": spec.get("rank", 32),
+                  "downcast": m["downcast"], "range_init": "minmax", "backward": m["backward"]},
+        "data": {"seq_len": spec["seq"]},
+        "train": {"output_dir": str(Path(spec["out"]) / "run"), "micro_batch_size": spec["batch"], "grad_accum": 1,
+                  "activation_checkpointing": m["ckpt"], "dtype": torch_dtype, "device": "cpu", "save_every": 0,
+                  "grad_clip": 1.0},
+        "dist": {"engine": spec["engine"], "backend": "gloo", "shard_frozen": spec.get("shard_frozen", False)},
+        "log": {"tensorboard": False, "progress_bar": False},
+    }
+
+
+def worker_dist_train(spec: dict) -> dict:
+    """One rank of a multi-process case (started by torchrun): the trainer's own model builder and engine
+    (``lrqat_dist.train``: ``Builders().model``, which shards the frozen tensors when the tree implements
+    ``dist.shard_frozen``), one warm-up forward/backward without a step, then ``mem_steps`` measured optimizer
+    steps as in :func:`worker_train`. Writes ``out/rank_<r>.json``."""
+    from . import measure as M
+
+    M.exact_malloc()
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (its import is not the model's memory)
+
+    from ..engines import EngineConfig, get_engine
+    from ..methods.hooks import group_windows
+    from ..train.build import enable_activation_checkpointing
+    from ..train.config import config_from_dict
+    from ..train.loop import Builders
+
+    if spec["engine"] not in DIST_ENGINES:
+        raise ValueError(f"engine: the multi-process memory case runs {', '.join(DIST_ENGINES)}, not {spec['engine']!r}")
+    cfg = config_from_dict(dist_job(spec))
+    engine_cls = get_engine(cfg.dist.engine)
+    ecfg = EngineConfig(cfg.train, cfg.dist, lr_windows=group_windows(cfg.quant))
+    env = engine_cls.setup(ecfg)
+    torch.manual_seed(0)
+    rss0 = M.reset_peak()  # after imports and the process group: what the model and the steps add
+    model = Builders().model(cfg, env.device)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    engine = engine_cls(model, ecfg, env)
+    engine.train()
+    g = torch.Generator().manual_seed(env.rank)
+    ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=g)
+    engine.forward_backward(ids, True)  # warm-up (kernel caches, gloo buffers); gradients dropped
+    engine.optimizer.zero_grad(set_to_none=True)
+    local = local_tensor_bytes(model)
+    frozen = _frozen_shard_bytes(model)  # the shards of dist.shard_frozen (not module buffers), at rest
+    _reset_frozen_peak(model)
+    env.barrier()
+    with M.measure() as region:
+        for _ in range(spec["mem_steps"]):
+            engine.forward_backward(ids, True)
+            engine.step()
+    env.barrier()
+    res = {"rank": env.rank, "world_size": env.world_size, "static_params": local["params"],
+           "static_buffers": local["buffers"], "static_frozen_shards": frozen["resident"],
+           "frozen_peak": _frozen_shard_bytes(model)["peak"], "frozen_full": frozen["full"],
+           "model_rss": region.baseline - rss0, "delta": region.delta}
+    Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+    (Path(spec["out"]) / f"rank_{env.rank}.json").write_text(json.dumps(res))
+    engine.close()
+    return res
+
+
+WORKERS = {"train": worker_train, "load": worker_load, "temporaries": worker_temporaries,
+           "dist_train": worker_dist_train}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +436,77 @@ def bench_case(case: dict, mem_steps: int, time_steps: int, threads: int | None 
         logger.info(f"{name:20s} peak {measured / 2**20:8.0f} MiB (pred {p_peak / 2**20:8.0f}, {row['err_total']:+.1%}; "
                     f"dynamic {res['delta'] / 2**20:7.0f} vs {pred_dyn / 2**20:7.0f}, {row['err_dynamic']:+.1%})  "
                     + (f"step {row['wall_s']:.2f} s wall / {row['cpu_s']:.2f} s cpu" if row["wall_s"] else ""))
+    return rows
+
+
+def predict_dist(spec: dict) -> Plan:
+    """The planner's per-rank prediction for a multi-process spec."""
+    m = parse_method(spec["method"])
+    cfg = PlanConfig(method=m["method"], downcast=m["downcast"], rank=spec.get("rank", 32), bits=spec.get("bits", 4),
+                     seq_len=spec["seq"], micro_batch=spec["batch"], dtype=spec["dtype"],
+                     activation_checkpointing=m["ckpt"], backward=m["backward"], engine=spec["engine"],
+                     world_size=spec["world"], shard_frozen=spec.get("shard_frozen", False))
+    return plan(shape_of(spec["model"]), cfg)
+
+
+def bench_dist(spec: dict, threads: int = 1, timeout: float = 600) -> list[dict]:
+    """One torchrun launch of ``spec["world"]`` gloo processes (:func:`worker_dist_train`); one row per rank:
+    its measured peak next to the planner's per-rank peak. ``spec``: ``model``, ``method`` (as in
+    :data:`CASES`), ``batch``, ``seq``, ``dtype``, ``engine``, ``world``, ``shard_frozen``, ``mem_steps``,
+    ``out`` (a directory). A ``shard_frozen`` spec on a tree whose trainer does not shard (tensors at rest
+    as large as the replicated ones) is refused, not measured.
+
+    Measured per rank, as in :func:`bench_case`: the tensors it holds at rest (parameters' local shards,
+    buffers, ``dist.shard_frozen``'s shards; exact) + the peak RSS increase over the steps; ``peak_rss``
+    is the RSS-only figure (it also holds the process's non-tensor growth since the process group
+    started, ~25 MiB here). ``frozen_peak``: the mechanism's own peak of frozen bytes (shards + gathered
+    layers), to check :data:`~lrqat_dist.memory.planner.FROZEN_GATHERED_LAYERS`."""
+    import lrqat_dist
+
+    spec = dict(spec)
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("rank_*.json"):
+        old.unlink()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    root = str(Path(lrqat_dist.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec["world"]),
+           "-m", __name__, "dist_train", json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    files = sorted(out.glob("rank_*.json"))
+    if proc.returncode != 0 or len(files) != spec["world"]:
+        raise RuntimeError(f"multi-process memory case {spec} failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    p = predict_dist(spec)
+    pred_static = p.frozen + p.trainable
+    pred_dyn = p.peak - pred_static
+    rows = []
+    for f in files:
+        r = json.loads(f.read_text())
+        static = r["static_params"] + r["static_buffers"] + r["static_frozen_shards"]
+        measured = static + r["delta"]
+        r.update(method=spec["method"], engine=spec["engine"], shard_frozen=bool(spec.get("shard_frozen")),
+                 batch=spec["batch"], seq=spec["seq"], dtype=spec["dtype"], peak_measured=measured,
+                 peak_rss=r["model_rss"] + r["delta"], static_walk=static, static_pred=pred_static,
+                 dynamic_pred=pred_dyn, peak_pred=p.peak, peak_moment=p.peak_moment,
+                 err_total=p.peak / measured - 1, err_dynamic=pred_dyn / r["delta"] - 1)
+        rows.append(r)
+    if spec.get("shard_frozen"):
+        replicated = predict_dist({**spec, "shard_frozen": False})
+        for r in rows:
+            # sharded, a rank's frozen buffers at rest are ~1/world of the replicated ones; the replicated
+            # tree keeps them whole
+            if r["static_walk"] > 0.5 * (replicated.frozen + replicated.trainable + pred_static):
+                raise RuntimeError(f"rank {r['rank']}: {r['static_walk']} tensor bytes at rest, as if replicated "
+                                   f"({replicated.frozen + replicated.trainable:.0f} predicted replicated, "
+                                   f"{pred_static:.0f} sharded): this tree's trainer does not shard "
+                                   "(dist.shard_frozen, issue 16)")
+    for r in rows:
+        logger.info(f"rank {r['rank']}/{spec['world']} {spec['engine']} shard_frozen={r['shard_frozen']} "
+                    f"{spec['method']}: peak {r['peak_measured'] / 2**20:.1f} MiB (pred {r['peak_pred'] / 2**20:.1f}, "
+                    f"{r['err_total']:+.1%}; dynamic {r['delta'] / 2**20:.1f} vs {pred_dyn / 2**20:.1f}, "
+                    f"{r['err_dynamic']:+.1%}; tensors at rest {r['static_walk'] / 2**20:.1f} vs {pred_static / 2**20:.1f})")
     return rows
 
 

@@ -42,7 +42,12 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
 * **engine**: ZeRO 1-3 and FSDP2 shard the optimizer state; ZeRO 2-3 and FSDP2 the gradients;
   ZeRO-3 and FSDP2 the float parameters (trainable and frozen: embeddings, norms; never buffers:
   Phi0 stays replicated), gathered one module (ZeRO-3) or one decoder layer plus the root (FSDP2) at
-  a time. DeepSpeed (0.19 source, not measured here) allocates its gradient reduce bucket at full
+  a time. With ``shard_frozen`` (``dist.shard_frozen``, issue 16) the frozen per-layer tensors too
+  (Phi0 in its storage format, s0, zero-points; PEQA/RTN codes): ``1/world`` of them per rank, plus the
+  gathered full tensors of :data:`FROZEN_GATHERED_LAYERS` decoder layers (the current one and, with
+  prefetch, the next; plus :data:`FROZEN_GATHER_STAGING` layers of all-gather staging, 0 for our
+  mechanism), in flight through forward and backward (not at the optimizer step). DeepSpeed (0.19
+  source, not measured here) allocates its gradient reduce bucket at full
   ``reduce_bucket_size`` (default 5e8 elements, fp32: 2 GB; twice with ``overlap_comm``, which ZeRO-3
   turns on by default), ZeRO 1-2 keep an fp32 copy of their parameter partition, ZeRO-3 a flat fp32
   gradient partition. ``offload_optimizer`` moves the optimizer state and fp32 partitions to the host.
@@ -87,6 +92,15 @@ TEMPORARIES_AUTOGRAD = {**TEMPORARIES, "lrqat": (4.0, 6.0), "peqa": (2.0, 4.0), 
 METHODS = (*(m for m in QAT_METHODS if m in TEMPORARIES), LORA)
 LOSS_BYTES_PER_LOGIT = 12  # three fp32 N x V tensors alive at once around the cross-entropy
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+# dist.shard_frozen (issue 16): how many decoder layers' frozen tensors are gathered (full size) at once,
+# with and without prefetching the next layer's all-gather, and how many layers' worth of all-gather
+# staging buffer is alive beside them (0: the mechanism, engines/frozen_shard.py, all-gathers straight
+# into the layer's flat buffer that the module buffers view; an FSDP2-style copy-out would make it 1).
+# Measured on CPU (gloo, 2 and 4 ranks, 2- and 4-layer models, with and without checkpointing: the
+# mechanism's own peak count, lrqat_dist.memory.benchmark.bench_dist): 2 gathered layers with prefetch,
+# no staging. Not measured with NCCL.
+FROZEN_GATHERED_LAYERS = {True: 2, False: 1}  # keyed by prefetch on / off
+FROZEN_GATHER_STAGING = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +232,8 @@ class PlanConfig:
     reduce_bucket: int = DS_REDUCE_BUCKET  # DeepSpeed reduce_bucket_size (elements)
     overlap_comm: bool | None = None  # DeepSpeed default: on for ZeRO-3 only
     backward: str = "fast"  # QATConfig.backward: the weight rebuild's temporaries differ (TEMPORARIES*)
+    shard_frozen: bool = False  # dist.shard_frozen: frozen per-layer tensors sharded, gathered per layer
+    frozen_prefetch: bool = True  # the next layer's frozen tensors gathered while this one computes
 
     def __post_init__(self):
         if self.method in QAT_METHODS and self.method not in METHODS:
@@ -237,6 +253,9 @@ class PlanConfig:
             raise ValueError("world_size, seq_len, rank must be >= 1 and micro_batch >= 0")
         if self.engine == "none" and self.world_size != 1:
             raise ValueError("engine 'none' runs one process: world_size must be 1")
+        if self.shard_frozen and not self.shards_params:
+            where = "one process" if self.engine == "none" else f"deepspeed ZeRO-{self.zero_stage}"
+            raise ValueError(f"shard_frozen: needs engine fsdp2 or deepspeed with zero_stage 3, not {where}")
         phi_bytes(self.downcast, self.bits)  # validates
 
     @property
@@ -254,6 +273,11 @@ class PlanConfig:
     @property
     def shards_params(self) -> bool:
         return self.engine == "fsdp2" or (self.engine == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def frozen_gathered_layers(self) -> int:
+        """Decoder layers whose frozen tensors are gathered at once (``shard_frozen``)."""
+        return FROZEN_GATHERED_LAYERS[self.frozen_prefetch]
 
 
 def phi_bytes(downcast: str, bits: int) -> float:
@@ -290,6 +314,7 @@ class Plan:
     loss: float  # the vocabulary cross-entropy's fp32 tensors
     temporaries: float  # largest weight rebuild (backward) + activation gradients of one layer
     gather: float  # ZeRO-3 / FSDP2 unsharded parameters in flight
+    frozen_gather: float = 0.0  # shard_frozen: gathered frozen per-layer tensors + staging in flight
     moments: dict[str, float] = field(default_factory=dict)
     host_optimizer: float = 0.0  # offloaded optimizer state + fp32 partition (host memory)
     counts: dict[str, float] = field(default_factory=dict)
@@ -326,6 +351,8 @@ class Plan:
             ("temporaries", self.temporaries),
             ("gathered params", self.gather),
         ]
+        if c.shard_frozen:
+            rows.append(("gathered frozen layers", self.frozen_gather))
         head = (f"{self.shape.name}: {c.method}"
                 + (f" phi={c.downcast}" if c.method == "lrqat" else "")
                 + (f" r={c.rank}" if c.method in ("lrqat", LORA) else "")
@@ -333,6 +360,7 @@ class Plan:
                 + f" {c.micro_batch}x{c.seq_len} {c.dtype} engine={c.engine}"
                 + (f" zero={c.zero_stage}" if c.engine == "deepspeed" else "")
                 + (f" world={c.world_size}" if c.engine != "none" else "")
+                + (" shard_frozen" + ("" if c.frozen_prefetch else "(no prefetch)") if c.shard_frozen else "")
                 + (" ckpt" if c.activation_checkpointing else "") + (" offload" if c.offload_optimizer else ""))
         lines = [head]
         lines += [f"  {name:<26s}{v / unit:10.2f} {u}" for name, v in rows]
@@ -414,7 +442,10 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     float_frozen = e * (shape.embedding_params + shape.norm_params)  # frozen nn.Parameters (shardable)
     rotary = 4.0 * shape.hd  # inv_freq + original_inv_freq, fp32 [hd/2] each (replicated buffers)
     param_share = 1.0 / w if cfg.shards_params else 1.0
-    frozen = lin_frozen * (param_share if cfg.method == LORA else 1.0) + float_frozen * param_share + rotary
+    # LoRA's base weight is a Parameter (sharded with the others); the methods' frozen per-layer tensors
+    # are buffers, replicated unless dist.shard_frozen shards them (and gathers them per layer)
+    lin_share = param_share if (cfg.method == LORA or cfg.shard_frozen) else 1.0
+    frozen = lin_frozen * lin_share + float_frozen * param_share + rotary
     trainable = 4.0 * n_train * param_share
     training = cfg.method != "rtn" and n_train > 0
 
@@ -494,6 +525,13 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
             gather = biggest_module + min(float(50_000_000 * e), layer_floats)
         gather -= (e * shape.embedding_params + layer_floats) / w  # their shards are already counted
 
+    # shard_frozen: the gathered frozen tensors of the current (and prefetched) layer, full size, beside
+    # the rank's own shards (+ any staging); LoRA's base weight is already in ``gather`` (a Parameter)
+    frozen_gather = 0.0
+    if cfg.shard_frozen and cfg.method != LORA:
+        frozen_gather = (cfg.frozen_gathered_layers + FROZEN_GATHER_STAGING) * lin_frozen / L
+    gather += frozen_gather
+
     static = frozen + trainable + optimizer + engine
     moments = {}
     if training:
@@ -510,7 +548,8 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
               "layer_activation_bytes_per_token": layer_act / tokens if tokens and training else 0.0}
     return Plan(shape=shape, config=cfg, frozen=frozen, trainable=trainable, gradients=grads, optimizer=optimizer,
                 engine_buffers=engine, activations=saved, layer_activations=layer_act, loss=loss,
-                temporaries=temp_bwd if training else temp_fwd, gather=max(gather, 0.0), moments=moments,
+                temporaries=temp_bwd if training else temp_fwd, gather=max(gather - frozen_gather, 0.0),
+                frozen_gather=frozen_gather, moments=moments,
                 host_optimizer=host_opt, counts=counts)
 
 
