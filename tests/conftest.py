@@ -11,7 +11,8 @@ import torch
 
 # Whole files that start torchrun / several processes.
 MULTIPROCESS_FILES = {"test_train_dist.py", "test_methods_dist.py", "test_consolidate.py", "test_lean_checkpoint.py",
-                      "test_dist_launch.py", "test_survive_dist.py", "test_train_elastic.py"}
+                      "test_dist_launch.py", "test_survive_dist.py", "test_train_elastic.py",
+                      "test_distill_dist.py"}
 # Tests that run a tool, Python or dpkg-deb in a child process: (file, test function).
 SUBPROCESS_TESTS = {
     ("test_data_make_shards.py", "test_help"),
