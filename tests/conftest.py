@@ -12,7 +12,7 @@ import torch
 # Whole files that start torchrun / several processes.
 MULTIPROCESS_FILES = {"test_train_dist.py", "test_methods_dist.py", "test_consolidate.py", "test_lean_checkpoint.py",
                       "test_dist_launch.py", "test_survive_dist.py", "test_train_elastic.py",
-                      "test_shard_frozen_dist.py", "test_memory_plan_dist.py"}
+                      "test_shard_frozen_dist.py", "test_memory_plan_dist.py", "test_distill_dist.py"}
 # Tests that run a tool, Python or dpkg-deb in a child process: (file, test function).
 SUBPROCESS_TESTS = {
     ("test_data_make_shards.py", "test_help"),

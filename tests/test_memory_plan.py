@@ -359,3 +359,22 @@ def test_cli_shard_frozen_column_and_recipe_key():
     with pytest.raises(SystemExit):  # shard_frozen on ZeRO-2 is refused, as dist.shard_frozen is
         with redirect_stdout(io.StringIO()):
             tool.main(["--model", "llama2-7b", "--engine", "deepspeed", "--zero-stage", "2", "--shard-frozen", "on"])
+
+
+def test_distill_terms_in_the_plan():
+    """KD replaces the CE's 12*N*V by teacher + student logits + their gradient (compute dtype) and fp32 chunks;
+    an external teacher adds its weights; the phi0 teacher adds none."""
+    from lrqat_dist.memory.planner import KD_CHUNK_TEMPS
+
+    shape = ModelShape.preset("smollm2-135m")
+    base = PlanConfig(seq_len=256, micro_batch=4, dtype="bf16")
+    ce, kd = plan(shape, base), plan(shape, replace(base, distill="phi0", distill_chunk=64))
+    ext = plan(shape, replace(base, distill="external", distill_chunk=64))
+    nv = 4 * 256 * shape.vocab
+    assert kd.loss == 3 * 2 * nv + (KD_CHUNK_TEMPS + 2) * 4 * 64 * shape.vocab
+    assert ce.loss == 12 * nv and kd.frozen == ce.frozen
+    assert ext.frozen - ce.frozen == 2 * shape.total_params
+    assert kd.moments["forward (largest layer)"] - ce.moments["forward (largest layer)"] == 2 * nv
+    assert "teacher forward" in kd.moments and "teacher forward" not in ce.moments
+    with pytest.raises(ValueError, match="distill"):
+        PlanConfig(distill="teacher")

@@ -65,6 +65,10 @@ def recipe_defaults(path: str) -> tuple[dict, str | None, dict | None]:
         "activation_checkpointing": t.get("activation_checkpointing", False),
         "offload_optimizer": d.get("offload_optimizer", False), "shard_frozen": d.get("shard_frozen", False),
     }
+    kd = (t.get("distill") or {})
+    if kd.get("teacher"):
+        fields["distill"] = "phi0" if kd["teacher"] == "phi0" else "external"
+        fields["distill_chunk"] = kd.get("chunk_tokens", 1024)
     return fields, m.get("path"), m.get("config")
 
 
@@ -216,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="search engine, shard_frozen, Phi0 storage, checkpointing, offload for a recipe that fits "
                          "--budget-gb on --world-size GPUs")
     ap.add_argument("--reduce-bucket", type=float, default=None, help="DeepSpeed reduce_bucket_size (elements)")
+    ap.add_argument("--distill", default=None, choices=["phi0", "external"],
+                    help="train.distill teacher: phi0 (the model's own W0) or external (a separate HF model)")
     ap.add_argument("--budget-gb", type=float, default=None, help="device memory (GiB) to fit")
     ap.add_argument("--reserve-gb", type=float, default=1.0, help="kept free for CUDA context / fragmentation")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON")
@@ -244,7 +250,8 @@ def main(argv=None) -> int:
 
     for key, value in (("rank", args.rank), ("bits", args.bits), ("seq_len", args.seq_len), ("dtype", args.dtype),
                        ("engine", args.engine), ("zero_stage", args.zero_stage), ("world_size", args.world_size),
-                       ("offload_optimizer", args.offload_optimizer), ("backward", args.backward)):
+                       ("offload_optimizer", args.offload_optimizer), ("backward", args.backward),
+                       ("distill", args.distill)):
         if value is not None:
             fields[key] = value
     if args.group_size is not None:

@@ -16,21 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..objective.losses import next_token_loss
+from ..objective.objective import TrainingObjective
 from .config import EngineConfig
 from .env import DistEnv
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Causal LM cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (in fp32).
-
-    Packed blocks have no padding, so every micro-batch holds the same number of targets and the mean
-    of per-micro-batch means is the mean over the global batch.
-    """
-    logits = logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction=reduction)
 
 
 def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
@@ -54,6 +45,8 @@ class Engine(ABC):
         self.cfg, self.env = cfg, env
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.last_step_skipped = False  # set by step(): the update was skipped (non-finite grad norm)
+        # What forward_backward minimises: plain next-token CE unless the trainer sets a distilling one.
+        self.objective = TrainingObjective()
 
     # --- process setup ------------------------------------------------------------------------
     @classmethod
@@ -70,6 +63,12 @@ class Engine(ABC):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for ``input_ids``."""
         return self.module(input_ids=input_ids).logits
+
+    def training_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of one micro-batch, with autograd to the trainable tensors: every
+        engine's :meth:`forward_backward` computes it here (:class:`TrainingObjective`: CE, or CE mixed
+        with distillation from a teacher forward of the same module)."""
+        return self.objective.loss(self.module, self.forward, input_ids)
 
     @abstractmethod
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:

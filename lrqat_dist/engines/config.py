@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from ..dtypes import DTYPES as TORCH_DTYPES
 from ..dtypes import dtype_name
+from ..objective.config import DistillConfig
+from ..typed_config import from_dict
 
 SCHEDULES = ("linear", "cosine", "constant")
 # dist.engine -> (module, class); imported on demand, so a single-process run never imports DeepSpeed.
@@ -22,8 +24,6 @@ ENGINES = tuple(ENGINE_CLASSES)
 # train.dtype: "auto" or a float dtype in its HF spelling (float32, bfloat16, float16)
 DTYPES = ("auto", *(n for n, t in TORCH_DTYPES.items() if n == dtype_name(t)))
 DEVICES = ("auto", "cpu", "cuda")
-
-
 @dataclass
 class TrainConfig:
     """Optimisation, checkpointing and validation cadence (YAML ``train:``); see docs/config.md."""
@@ -56,8 +56,11 @@ class TrainConfig:
     log_every: int = 10
     dtype: str = "auto"
     device: str = "auto"
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        if isinstance(self.distill, dict):  # direct construction with a mapping (YAML goes through from_dict)
+            self.distill = from_dict(DistillConfig, self.distill, "distill")
         if not self.output_dir:
             raise ValueError("output_dir: required (where config, checkpoints and metrics go)")
         for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last", "log_every", "max_nonfinite"):

@@ -39,7 +39,7 @@ import yaml
 from torch import nn
 
 from ..model.frozen_state import frozen_state_left_out
-from .base import Engine, clip_and_norm, next_token_loss, poison_nonfinite
+from .base import Engine, clip_and_norm, poison_nonfinite
 from .config import DistConfig, EngineConfig, TrainConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, process_group_timeout, standalone_env
 from .optim import build_optimizer, build_scheduler
@@ -157,7 +157,7 @@ class DeepSpeedEngine(Engine):
         return self.ds(input_ids=input_ids).logits
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
-        loss = next_token_loss(self.forward(input_ids), input_ids)
+        loss = self.training_loss(input_ids)
         self.ds.backward(poison_nonfinite(loss))  # scales by 1 / gradient_accumulation_steps itself
         # DeepSpeed wants step() after every backward; it only updates at the accumulation boundary,
         # which is the last micro-batch's: that one is stepped by step().

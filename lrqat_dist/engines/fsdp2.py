@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from .base import decoder_layers, next_token_loss, poison_nonfinite
+from .base import decoder_layers, poison_nonfinite
 from .config import EngineConfig
 from .env import DistEnv, claim_device, default_backend, local_rank, process_group_timeout, standalone_env
 from .torch_optim import TorchOptimizerEngine
@@ -57,7 +57,7 @@ class FSDP2Engine(TorchOptimizerEngine):
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
         # Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate locally.
         self.model.set_requires_gradient_sync(last_micro)
-        loss = next_token_loss(self.forward(input_ids), input_ids)
+        loss = self.training_loss(input_ids)
         (poison_nonfinite(loss) / self.cfg.train.grad_accum).backward()
         return loss.detach()
 

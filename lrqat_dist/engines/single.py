@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import next_token_loss, poison_nonfinite
+from .base import poison_nonfinite
 from .config import EngineConfig
 from .env import DistEnv, claim_device, launched_world_size
 from .torch_optim import TorchOptimizerEngine
@@ -37,7 +37,7 @@ class SingleEngine(TorchOptimizerEngine):
         self._init_optimizer()
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro: bool) -> torch.Tensor:
-        loss = next_token_loss(self.forward(input_ids), input_ids)
+        loss = self.training_loss(input_ids)
         (poison_nonfinite(loss) / self.cfg.train.grad_accum).backward()
         return loss.detach()
 

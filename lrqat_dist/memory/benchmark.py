@@ -19,7 +19,8 @@ Method names: ``lora`` (the plain-LoRA reference, :mod:`lrqat_dist.methods.lora_
 ``lrqat-<downcast>`` (fixed, bf16, fp16, fp32, int, int-packed), ``peqa``, ``full_qat``, ``rtn``; suffix
 ``+ckpt`` for decoder-layer activation checkpointing, ``+compile`` (LR-QAT only) for the library's
 torch.compile-fused weight rebuild (``QATConfig.compile_rebuild``), ``+autograd`` for the plain reference
-backward (``QATConfig.backward: autograd``). Token ids are random (cost does not depend on them).
+backward (``QATConfig.backward: autograd``), ``+kd`` for distillation from the model's own Phi0
+(``train.distill.teacher: phi0``, weight 1, T 1: a no-grad teacher forward, then the chunked KD loss). Token ids are random (cost does not depend on them).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 CASES: dict[str, dict[str, Any]] = {
     "smollm2": dict(model="smollm2", batch=4, seq=256, dtype="fp32",
                     methods=["lora", "lrqat-fixed", "lrqat-bf16", "lrqat-int-packed", "peqa", "full_qat",
-                             "lrqat-fixed+compile", "lrqat-fixed+ckpt", "lora+ckpt", "lora"]),
+                             "lrqat-fixed+compile", "lrqat-fixed+ckpt", "lrqat-fixed+kd", "lora+ckpt", "lora"]),
     "llama7b-2l": dict(model={"preset": "llama2-7b", "layers": 2}, batch=1, seq=256, dtype="fp32",
                        methods=["lora", "lrqat-fixed", "lrqat-int-packed", "peqa", "full_qat", "lrqat-fixed+ckpt"]),
     "tinyllama-2l": dict(model={"hidden": 2048, "intermediate": 5632, "layers": 2, "heads": 32, "kv_heads": 4,
@@ -87,14 +88,15 @@ def shape_of(model_spec: str | dict) -> ModelShape:
 
 
 def parse_method(name: str) -> dict:
-    """``lrqat-fixed+ckpt`` -> ``{"name", "method", "downcast", "ckpt", "compile", "backward"}``
-    (``+autograd``: the plain reference backward, ``QATConfig.backward: autograd``)."""
+    """``lrqat-fixed+ckpt`` -> ``{"name", "method", "downcast", "ckpt", "compile", "backward", "kd"}``
+    (``+autograd``: the plain reference backward, ``QATConfig.backward: autograd``; ``+kd``: distillation
+    from the model's own Phi0)."""
     base, *flags = name.split("+")
-    unknown = set(flags) - {"ckpt", "compile", "autograd"}
+    unknown = set(flags) - {"ckpt", "compile", "autograd", "kd"}
     if unknown:
-        raise ValueError(f"method {name!r}: unknown suffix {sorted(unknown)} (known: +ckpt, +compile, +autograd)")
+        raise ValueError(f"method {name!r}: unknown suffix {sorted(unknown)} (known: +ckpt, +compile, +autograd, +kd)")
     out = {"name": name, "ckpt": "ckpt" in flags, "compile": "compile" in flags,
-           "backward": "autograd" if "autograd" in flags else "fast"}
+           "backward": "autograd" if "autograd" in flags else "fast", "kd": "kd" in flags}
     if base.startswith("lrqat-"):
         out.update(method="lrqat", downcast=base[len("lrqat-"):])
     elif base in (LORA, "peqa", "full_qat", "rtn"):
@@ -165,6 +167,11 @@ def worker_train(spec: dict) -> dict:
     quant = getattr(model, "qat_config", None) or QATConfig()  # the LoRA reference has none: plain schedule
     engine = SingleEngine(model, EngineConfig(train, lr_windows=group_windows(quant)),
                           DistEnv(0, 1, 0, torch.device("cpu")))
+    if m["kd"]:
+        from ..objective import DistillConfig, build_objective
+
+        engine.objective = build_objective(DistillConfig("phi0"), model, m["method"], DTYPES[spec["dtype"]],
+                                           torch.device("cpu"))
     engine.train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -392,7 +399,8 @@ def predict(shape: ModelShape, spec: dict) -> Plan:
     m = parse_method(spec["method"])
     cfg = PlanConfig(method=m["method"], downcast=m["downcast"], rank=spec.get("rank", 32), bits=spec.get("bits", 4),
                      seq_len=spec["seq"], micro_batch=spec["batch"], dtype=spec["dtype"],
-                     activation_checkpointing=m["ckpt"], backward=m["backward"])
+                     activation_checkpointing=m["ckpt"], backward=m["backward"],
+                     distill="phi0" if m["kd"] else None)
     return plan(shape, cfg)
 
 

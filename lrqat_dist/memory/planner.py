@@ -52,6 +52,14 @@ tokens of a micro-batch, ``h`` hidden, ``i`` MLP width, ``q``/``kv`` the query/k
   turns on by default), ZeRO 1-2 keep an fp32 copy of their parameter partition, ZeRO-3 a flat fp32
   gradient partition. ``offload_optimizer`` moves the optimizer state and fp32 partitions to the host.
 
+* **distillation** (``PlanConfig.distill``, ``train.distill``; :func:`distill_terms`): the teacher's
+  logits ``e*N*V`` (compute dtype, no grad) live through the student's forward and the loss; the
+  chunked KD loss replaces the cross-entropy's ``12*N*V`` by the student's logits and their gradient
+  (``2*e*N*V``, the gradient in the logits' dtype) plus about five fp32 ``[chunk, V]`` temporaries (+2
+  casts of the chunk when 16-bit). The teacher's forward (no grad) holds one layer's activations
+  (``e*N*(h + 2*i)``) and one fp32 teacher weight at a time (moment ``teacher forward``). An
+  external teacher adds its weights (``e`` times the model's float parameters, counted as frozen).
+
 The step's peak is the largest of these moments (steady state, optimizer state allocated):
 end of forward with the loss (activations + loss), backward of the last layer (activations +
 temporaries + activation gradients), end of backward (gradients + one layer), optimizer step
@@ -91,6 +99,8 @@ TEMPORARIES_AUTOGRAD = {**TEMPORARIES, "lrqat": (4.0, 6.0), "peqa": (2.0, 4.0), 
 # plain-LoRA reference. Registry methods without one (DL-QAT, LoQT) are refused by name, not as unknown.
 METHODS = (*(m for m in QAT_METHODS if m in TEMPORARIES), LORA)
 LOSS_BYTES_PER_LOGIT = 12  # three fp32 N x V tensors alive at once around the cross-entropy
+DISTILL_TEACHERS = ("phi0", "external")
+KD_CHUNK_TEMPS = 5  # fp32 [chunk, V] temporaries of the chunked KD loss (objective/losses.py)
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 # dist.shard_frozen (issue 16): how many decoder layers' frozen tensors are gathered (full size) at once,
 # with and without prefetching the next layer's all-gather, and how many layers' worth of all-gather
@@ -234,6 +244,8 @@ class PlanConfig:
     backward: str = "fast"  # QATConfig.backward: the weight rebuild's temporaries differ (TEMPORARIES*)
     shard_frozen: bool = False  # dist.shard_frozen: frozen per-layer tensors sharded, gathered per layer
     frozen_prefetch: bool = True  # the next layer's frozen tensors gathered while this one computes
+    distill: str | None = None  # train.distill: None, "phi0" (the model's own W0) or "external" (HF teacher)
+    distill_chunk: int = 1024  # train.distill.chunk_tokens
 
     def __post_init__(self):
         if self.method in QAT_METHODS and self.method not in METHODS:
@@ -257,6 +269,8 @@ class PlanConfig:
             where = "one process" if self.engine == "none" else f"deepspeed ZeRO-{self.zero_stage}"
             raise ValueError(f"shard_frozen: needs engine fsdp2 or deepspeed with zero_stage 3, not {where}")
         phi_bytes(self.downcast, self.bits)  # validates
+        if self.distill is not None and self.distill not in DISTILL_TEACHERS:
+            raise ValueError(f"distill: unknown {self.distill!r}; expected null, {' or '.join(DISTILL_TEACHERS)}")
 
     @property
     def e(self) -> int:
@@ -434,6 +448,21 @@ def shared_activation_bytes(shape: ModelShape, cfg: PlanConfig) -> float:
     return rope + casts
 
 
+def distill_terms(shape: ModelShape, cfg: PlanConfig, tokens: int) -> dict[str, float]:
+    """Bytes of distillation (see the module docstring): ``teacher_weights`` (external teacher only),
+    ``teacher_logits`` (held through the student's forward and the loss), ``loss`` (replaces the
+    cross-entropy's), ``teacher_forward`` (one no-grad layer of the teacher plus its logits)."""
+    e, V = cfg.e, shape.vocab
+    chunk = min(cfg.distill_chunk, max(1, cfg.seq_len - 1)) if tokens else 0
+    chunk_temps = (KD_CHUNK_TEMPS + (2 if e != 4 else 0)) * 4.0 * chunk * V
+    big = max(o * i for _, o, i in shape.linears())
+    logits = float(e * tokens * V)
+    return {"teacher_weights": float(e * shape.total_params) if cfg.distill == "external" else 0.0,
+            "teacher_logits": logits, "loss": 2 * logits + chunk_temps,
+            "teacher_forward": logits + e * tokens * (shape.hidden + 2 * shape.intermediate)
+            + (4.0 * big if cfg.distill == "phi0" else 0.0)}
+
+
 def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     """Predicted per-device memory of one steady-state training step (see the module docstring)."""
     e, w, L = cfg.e, cfg.world_size, shape.layers
@@ -490,6 +519,10 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     loss = float(LOSS_BYTES_PER_LOGIT * tokens * shape.vocab)
     if not training:  # rtn: an evaluation forward (no graph): one layer's tensors + the fp32 logits
         loss = float((e + 4) * tokens * shape.vocab)
+    kd = distill_terms(shape, cfg, tokens) if cfg.distill and training else None
+    if kd is not None:
+        frozen += kd["teacher_weights"]
+        loss = kd["loss"] + kd["teacher_logits"]
 
     # temporaries of the weight rebuild (largest linear) and the activation gradients of one layer
     big = max(o * i for _, o, i in shape.linears())
@@ -542,6 +575,9 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
                                      + (rebuilt if cfg.activation_checkpointing else layer_act))
         opt_temp = 0.0 if optimizer == 0 else 2 * 4.0 * largest_train * (opt_share if cfg.shards_optimizer else 1)
         moments["optimizer step"] = static + grads + opt_temp
+        if kd is not None:
+            moments["forward (largest layer)"] += kd["teacher_logits"]
+            moments["teacher forward"] = static + gather + kd["teacher_forward"]
     else:
         moments["forward"] = static + temp_fwd + loss + gather
     counts = {"linear_params": shape.linear_params, "trainable_params": n_train, "tokens": tokens,

@@ -94,6 +94,8 @@ class QuantLinear(nn.Module):
     # "autograd": the plain reference path (_RecomputedLinear). Set from QATConfig.backward.
     backward: str = "fast"
     weight_grad_sink: torch.Tensor | None = None  # when set, backward adds dL/dW [out, in] (fp32) to it
+    # Set (per instance) by lrqat_dist.objective.teacher_mode: forward uses teacher_weight(), no grad.
+    teacher_active: bool = False
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: torch.Tensor | None, name: str):
         super().__init__()
@@ -128,6 +130,15 @@ class QuantLinear(nn.Module):
         with a :meth:`gradient_mask` must honour it there (exact zeros for masked tensors)."""
         return None
 
+    def teacher_unavailable(self) -> str | None:
+        """None when :meth:`teacher_weight` gives a full-precision weight; else why not (for the error)."""
+        return f"{type(self).__name__} keeps no full-precision copy of its weight"
+
+    def teacher_weight(self) -> torch.Tensor:
+        """The distillation teacher's fp32 weight ``[out, in]`` (the method's frozen full-precision copy
+        of W0), for ``train.distill.teacher: phi0``; see :func:`lrqat_dist.objective.teacher_mode`."""
+        raise ValueError(f"{self.layer_name}: {self.teacher_unavailable()}")
+
     def rebuilt_weight(self) -> torch.Tensor:
         """:meth:`weight_hat` without autograd, bit for bit (a method may fuse it)."""
         with torch.no_grad():
@@ -151,6 +162,9 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes(), self.scale_tensor(), self.zero_point_tensor, self.offset_tensor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher_active:
+            with torch.no_grad():
+                return F.linear(x, self.teacher_weight().to(x.dtype), self.cast_bias(x.dtype))
         params = self.trainable_tensors()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             fast = self.fast_function() if self.backward == "fast" else None

@@ -139,6 +139,14 @@ class DLQATLinear(QuantLinear):
     def scale_tensor(self) -> torch.Tensor:
         return self.magnitude * self.scale
 
+    def teacher_unavailable(self) -> str | None:
+        return None
+
+    @torch.no_grad()
+    def teacher_weight(self) -> torch.Tensor:
+        """The frozen ``W0`` (kept in the base model's dtype) in fp32."""
+        return self.weight0.float()
+
     def offset_tensor(self) -> torch.Tensor:
         return self.magnitude * self.offset
 

@@ -12,8 +12,9 @@ import math
 import torch
 from torch import nn
 
-from ..quant.affine import QuantSpec, clamp_codes, round_clamp_dequantize_, round_ste, row_blocks, to_codes_domain
-from ..quant.downcast import Downcast, get_downcast
+from ..quant.affine import (QuantSpec, clamp_codes, dequantize, round_clamp_dequantize_, round_ste, row_blocks,
+                            to_codes_domain)
+from ..quant.downcast import Downcast, IntDowncast, get_downcast
 from ..quant.range_init import init_range
 from . import compiled_rebuild
 from .base import QuantLinear
@@ -74,6 +75,20 @@ class LRQATLinear(QuantLinear):
 
     def scale_tensor(self) -> torch.Tensor:
         return self.scale
+
+    def teacher_unavailable(self) -> str | None:
+        if isinstance(self.downcast, IntDowncast):
+            return (f"downcast {self.downcast.name!r} stores the rounded codes, so s0 * (decode(Phi0) - z0) is the "
+                    "RTN weight the student starts from: it teaches nothing new")
+        return None
+
+    @torch.no_grad()
+    def teacher_weight(self) -> torch.Tensor:
+        """``s0 * (decode(Phi0) - z0)``: W0 on the downcast's grid (8-bit for Q4.4, ~exact for bf16/fp32)."""
+        reason = self.teacher_unavailable()
+        if reason is not None:
+            raise ValueError(f"{self.layer_name}: {reason}")
+        return dequantize(self.downcast.decode(self.phi0), self.s0, self.zero_point)
 
     compile_rebuild = False  # QATConfig.compile_rebuild: forward/backward rebuild through torch.compile
 

@@ -33,6 +33,7 @@ from ..engines import DistEnv, Engine, EngineConfig, get_engine, resolve_dtype
 from ..engines.optim import SCHEDULE_KEYS, schedule_change
 from ..methods.hooks import group_windows, training_hooks
 from ..model.frozen_state import check_frozen_fingerprint, frozen_fingerprint
+from ..objective import build_objective
 from .build import buffer_fingerprint, build_tokenizer, build_train_model, enable_activation_checkpointing
 from .config import JobConfig, dump_config, parse_yaml
 from .metrics import MetricsLogger, peak_memory_gb
@@ -132,7 +133,11 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
+        # CE, or CE + distillation (train.distill): checks the phi0 teacher exists / loads the external one.
+        objective = build_objective(cfg.train.distill, model, cfg.quant.method, self.dtype, env.device,
+                                    cfg.model.attn_implementation)
         self.engine: Engine = engine_cls(model, engine_cfg, env)
+        self.engine.objective = objective
         # The method's between-step work (DL-QAT phase switch, LoQT merges), on every rank.
         self.hooks = training_hooks(model, cfg.quant, cfg.train.max_steps)
         self.train_loader = builders.train_loader(cfg, self.tokenizer, env)
