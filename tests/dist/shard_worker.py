@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 tests/dist/shard_worker.py OUT_ROOT [--cases fsdp2:fixed,ds3:int-packed]
              [--kill-at 2] [--steps 4]
 
-Per case ``E:D`` (engine ``fsdp2`` or ``ds3``, ``quant.downcast`` D): ``OUT_ROOT/E-D-rep`` trains with
+Per case ``E:D`` (engine ``fsdp2`` or ``ds3``, ``quant.downcast`` D; ``E:D:kd`` adds ``train.distill``
+with the phi0 teacher, whose no-grad forward goes through the same gather hooks): ``OUT_ROOT/E-D-rep`` trains with
 replicated frozen buffers, uninterrupted; ``OUT_ROOT/E-D-shard`` trains with ``dist.shard_frozen: true``,
 preempted (SIGTERM on rank 0) after step ``--kill-at``, then resumed to the end. FSDP2 also recomputes
 its decoder layers in backward (activation checkpointing: the gather hooks fire again in backward).
@@ -28,14 +29,15 @@ ENGINES = {"fsdp2": ({"engine": "fsdp2"}, {"activation_checkpointing": True}),
 
 
 def run(out: Path, engine: str, downcast: str, shard: bool, kill_at: int | None, steps: int, rank: int,
-        model: dict | None = None, val_every: int = 2) -> None:
+        model: dict | None = None, val_every: int = 2, distill: bool = False) -> None:
     from lrqat_dist.engines.frozen_shard import frozen_memory, reset_frozen_peak
     from lrqat_dist.train.config import config_from_dict
     from lrqat_dist.train.loop import Trainer
 
     dist_section, train_section = ENGINES[engine]
     job = job_dict(out, dist={**dist_section, "shard_frozen": shard}, quant={"downcast": downcast},
-                   train={**train_section, "max_steps": steps, "val_every": val_every, "save_every": 0})
+                   train={**train_section, "max_steps": steps, "val_every": val_every, "save_every": 0,
+                          **({"distill": {"teacher": "phi0", "weight": 0.5}} if distill else {})})
     if model:  # a larger shape, for measuring
         job["model"]["config"].update(model)
     cfg = config_from_dict(job)
@@ -81,12 +83,13 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     root = Path(args.out_root)
     for case in args.cases.split(","):
-        engine, downcast = case.split(":")
+        engine, downcast, *kd = case.split(":")  # E:D or E:D:kd (train.distill with the phi0 teacher)
+        name, distill = "-".join([engine, downcast, *kd]), kd == ["kd"]
         if not args.no_rep:
-            run(root / f"{engine}-{downcast}-rep", engine, downcast, False, None, args.steps, rank,
-                json.loads(args.model), args.val_every)
-        run(root / f"{engine}-{downcast}-shard", engine, downcast, True, args.kill_at or None, args.steps, rank,
-            json.loads(args.model), args.val_every)
+            run(root / f"{name}-rep", engine, downcast, False, None, args.steps, rank,
+                json.loads(args.model), args.val_every, distill)
+        run(root / f"{name}-shard", engine, downcast, True, args.kill_at or None, args.steps, rank,
+            json.loads(args.model), args.val_every, distill)
 
 
 if __name__ == "__main__":
