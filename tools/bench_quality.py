@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,12 @@ METHODS: dict[str, tuple[dict, dict] | None] = {
     "lrqat-fixed+kd": ({"method": "lrqat", "downcast": "fixed", "rank": 32, "alpha": 32.0}, {}),
     "lrqat-bf16+kd": ({"method": "lrqat", "downcast": "bf16", "rank": 32, "alpha": 32.0}, {}),
     "lrqat-fixed+kdext": ({"method": "lrqat", "downcast": "fixed", "rank": 32, "alpha": 32.0}, {}),
+    # The phi0 teachers themselves (build only, evaluated in teacher mode: s0 * (decode(Phi0) - z0),
+    # activations unquantized): what "+kd" distils from at this setting's s0 and Phi0 format.
+    "teacher-fixed": ({"method": "lrqat", "downcast": "fixed", "rank": 32, "alpha": 32.0}, {}),
+    "teacher-bf16": ({"method": "lrqat", "downcast": "bf16", "rank": 32, "alpha": 32.0}, {}),
 }
+BUILD_ONLY = ("rtn", "teacher-fixed", "teacher-bf16")
 # Distilling methods -> their teacher: "phi0" or "base" (the prepared SmolLM2 HF directory).
 KD_TEACHERS = {"lrqat-fixed+kd": "phi0", "lrqat-bf16+kd": "phi0", "lrqat-fixed+kdext": "base"}
 # The default recipe: pure distillation (weight 1) at temperature 1. The goal of QAT is the full-precision
@@ -166,6 +172,7 @@ def run_row(setting: str, method: str, args) -> dict:
     from lrqat_dist import load_causal_lm
     from lrqat_dist.prep.cache import default_cache_dir
     from lrqat_dist.eval.perplexity import text_perplexity
+    from lrqat_dist.objective.teacher import teacher_mode
     from lrqat_dist.prep.gguf_model import prepare_smollm2
     from lrqat_dist.train import Builders, build_model, build_tokenizer, load_config, train
 
@@ -183,7 +190,7 @@ def run_row(setting: str, method: str, args) -> dict:
     trained, train_info = False, {}
     if spec is None:
         model = load_causal_lm(path=model_dir)
-    elif method == "rtn":
+    elif method in BUILD_ONLY:
         model = build_model(cfg, torch.device("cpu"))  # the trainer's own build, with nothing trained
     else:
         trained = True
@@ -203,9 +210,10 @@ def run_row(setting: str, method: str, args) -> dict:
         train_info = {"steps": result.step, "first_loss": losses[0], "last_loss": losses[-1],
                       "tokens": result.step * args.batch * args.seq_len, "train_seconds": time.time() - t0,
                       "val_loss_start": val.get(0), "val_loss": val.get(result.step)}
-    if not trained:
-        train_info["val_loss"] = stream_val_loss(model, cfg, tokenizer)
-    ppl = text_perplexity(model, tokenizer, heldout, seq_len=args.eval_seq_len, max_blocks=args.eval_blocks)
+    with (teacher_mode(model) if method.startswith("teacher-") else nullcontext()):
+        if not trained:
+            train_info["val_loss"] = stream_val_loss(model, cfg, tokenizer)
+        ppl = text_perplexity(model, tokenizer, heldout, seq_len=args.eval_seq_len, max_blocks=args.eval_blocks)
     label = row_label(method, args)
     row = {"setting": setting, "method": label, "base_method": method, "seed": args.seed, "ppl": ppl.ppl, "eval_tokens": ppl.predicted_tokens,
            "eval_blocks": ppl.blocks, "eval_seq_len": ppl.seq_len, "trained": trained, **train_info,
