@@ -193,3 +193,15 @@ def test_kd_resume_is_bit_identical(tmp_path):
     # The KD objective was what trained: its logged loss is the mixed one, not the plain CE (val_loss).
     val = series(tmp_path / "ref", "val_loss")[4]
     assert math.isfinite(val) and abs(series(tmp_path / "ref")[1] - val) > 1.0
+
+
+def test_phi0_teacher_refuses_trained_unquantized_parameters_and_weight0_loads_no_teacher(tmp_path):
+    """A phi0 teacher shares embeddings, norms and head with the student: if training moves them the
+    teacher moves too, so it is refused; weight 0 is plain CE and builds no teacher at all."""
+    model, _ = _prepared()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="outside the quantized linears frozen.*embed_tokens"):
+        build_objective(DistillConfig(teacher="phi0"), model, "lrqat", torch.float32, torch.device("cpu"))
+    off = build_objective(DistillConfig(teacher=str(tmp_path / "missing"), weight=0.0), model, "lrqat",
+                          torch.float32, torch.device("cpu"))  # would raise FileNotFoundError if it loaded
+    assert not off.distills and off.teacher is None

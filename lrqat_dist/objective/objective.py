@@ -39,7 +39,7 @@ class TrainingObjective:
     @torch.no_grad()
     def teacher_logits(self, model: nn.Module, forward: Forward, input_ids: torch.Tensor) -> torch.Tensor:
         if self.teacher is not None:
-            return self.teacher(input_ids=input_ids).logits
+            return self.teacher(input_ids=input_ids, use_cache=False).logits
         with teacher_mode(model):
             return forward(input_ids)
 
@@ -56,7 +56,7 @@ def build_objective(distill: DistillConfig, model: nn.Module, method: str, dtype
                     device: torch.device, attn_implementation: str = "sdpa") -> TrainingObjective:
     """The objective of a run: checks that the phi0 teacher exists for ``method`` (a clear error naming it
     otherwise), or loads the external teacher (``dtype`` = ``train.dtype``, on ``device``)."""
-    if not distill.enabled:
+    if not distill.enabled or distill.weight == 0.0:  # weight 0 = plain CE: no teacher forward, none loaded
         return TrainingObjective()
     if not distill.external:
         check_phi0_teacher(model, method)

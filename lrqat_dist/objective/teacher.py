@@ -59,6 +59,14 @@ def check_phi0_teacher(model: nn.Module, method: str) -> None:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ValueError("train.distill.teacher: 'phi0' needs a quantized model (no quantized linears found)")
+    owners = [*layers, *activation_quantizers(model).items()]  # the teacher bypasses activation quantizers
+    quantized = {f"{n}.{p}" if n else p for n, m in owners for p, _ in m.named_parameters()}
+    moving = [n for n, p in model.named_parameters() if p.requires_grad and n not in quantized]
+    if moving:  # e.g. quant.train_unquantized: the teacher would share trained embeddings/norms/lm_head
+        raise ValueError(f"train.distill.teacher: 'phi0' needs every parameter outside the quantized linears "
+                         f"frozen (the teacher runs the same embeddings, norms and head), but {moving[0]} "
+                         f"(and {len(moving) - 1} more) are trained; set quant.train_unquantized: false or give "
+                         "teacher: <a local HF model directory>")
     for name, layer in layers:
         reason = layer.teacher_unavailable()
         if reason is not None:
@@ -83,6 +91,7 @@ def load_teacher(path: str | Path, dtype: torch.dtype, device: torch.device, att
                          "distillation needs the same tokenizer")
     teacher.requires_grad_(False)
     teacher.eval()
+    teacher.config.use_cache = False  # eval mode would otherwise build a KV cache of every layer per forward
     n = sum(p.numel() for p in teacher.parameters())
     logger.info("distillation teacher %s: %.1fM parameters in %s", path, n / 1e6, dtype)
     return teacher.to(device)
