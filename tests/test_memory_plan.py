@@ -303,12 +303,12 @@ def _recipe_plan(name: str, model: str, world: int):
 def test_shipped_24gb_recipes_fit_and_need_sharding():
     for name, model, world, mb, largest_sharded, largest_replicated in (
             ("llama2-70b-w4pc-8x24gb.yaml", "llama2-70b", 8, 4, 5, 0),
-            ("llama2-13b-w4pc-2x24gb.yaml", "llama2-13b", 2, 16, 19, 12)):
+            ("llama2-13b-w4pc-2x24gb.yaml", "llama2-13b", 2, 16, 20, 12)):
         s, cfg = _recipe_plan(name, model, world)
         assert cfg.shard_frozen and cfg.engine == "fsdp2" and cfg.downcast == "fixed" and cfg.micro_batch == mb
         p = plan(s, cfg)
         assert p.peak + GiB <= 24 * GiB, (name, p.peak / GiB)
-        assert 19.5 < p.peak / GiB < 20.5  # 70B: 19.72 at the backward, 13B: 20.27 at the loss
+        assert 19.5 < p.peak / GiB < 20.5  # 70B: 19.72 at the backward, 13B: 19.67 at the loss
         assert max_micro_batch(s, cfg, 24 * GiB) == largest_sharded
         assert max_micro_batch(s, replace(cfg, shard_frozen=False), 24 * GiB) == largest_replicated < mb
 

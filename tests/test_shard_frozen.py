@@ -112,6 +112,29 @@ def test_without_prefetch_one_layer_is_gathered_at_a_time(tmp_path, one_rank_gro
     assert frozen_memory(sh)["peak"] == shards.shard_bytes() + max(s.padded for s in shards.layers)
 
 
+def test_a_backward_that_raised_leaves_nothing_gathered_for_the_next_step(tmp_path, one_rank_group):
+    """A backward aborted mid-way (an exception in a gradient hook, as an OOM would be) never reaches its
+    end-of-backward callback; the next forward notices, frees and unpins, and the next step is exact."""
+    cfg = _cfg(tmp_path, "fixed")
+    rep, sh = build_model(cfg, "cpu"), build_model(cfg, "cpu", shard_frozen=True)
+    shards = frozen_shards(sh)
+    ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(2))
+
+    def boom(grad):
+        raise RuntimeError("simulated failure in backward")
+
+    loss = next_token_loss(sh(input_ids=ids).logits, ids)
+    sh.model.layers[0].self_attn.q_proj.lora_B.register_hook(boom)  # fires after the layer hooks ran
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        loss.backward()
+    assert shards.in_backward and any(s.resident for s in shards.layers)  # the stuck state
+    sh.model.layers[0].self_attn.q_proj.lora_B._backward_hooks.clear()
+    (lr, gr), (ls, gs) = _step(rep, ids), _step(sh, ids)
+    assert torch.equal(lr, ls) and all(torch.equal(gr[n], gs[n]) for n in gr)
+    assert not shards.in_backward and not any(s.resident or s.pinned for s in shards.layers)
+    assert frozen_memory(sh)["resident"] == shards.shard_bytes()
+
+
 def test_a_buffer_moved_off_the_shared_storage_is_refused(tmp_path, one_rank_group):
     sh = build_model(_cfg(tmp_path, "fixed"), "cpu", shard_frozen=True)
     q = sh.model.layers[1].self_attn.q_proj

@@ -208,6 +208,8 @@ class FrozenShards:
     # --- hooks --------------------------------------------------------------------------------------
     def _hook_pre(self, i: int):
         def pre(module, args):
+            if self.in_backward and torch._C._current_graph_task_id() == -1:
+                self._reset_after_aborted_backward()
             s = self.layers[i]
             s.ensure()
             if self.prefetch and not self.in_backward and i + 1 < len(self.layers):
@@ -249,6 +251,13 @@ class FrozenShards:
     def _end_backward(self) -> None:
         self.in_backward = False
         self.free_all()
+
+    def _reset_after_aborted_backward(self) -> None:
+        # A backward that raised (e.g. out of memory) never ran _end_backward: a forward outside any
+        # backward finds in_backward still set. Free (and so unpin) everything, or layers would stay
+        # gathered and pinned for good and forward prefetch would stay off.
+        logger.warning("frozen shards: the previous backward did not finish; freeing its gathered layers")
+        self._end_backward()
 
     def free_all(self) -> None:
         for s in self.layers:

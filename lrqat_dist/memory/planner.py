@@ -569,9 +569,12 @@ def plan(shape: ModelShape, cfg: PlanConfig) -> Plan:
     moments = {}
     if training:
         moments["forward (largest layer)"] = static + saved + temp_fwd + gather
-        moments["loss"] = static + saved + loss + gather
+        # At the loss no frozen layer is gathered (the last one is freed after its forward, nothing is
+        # left to prefetch); at the end of backward only the first layer is (nothing below it to prefetch).
+        moments["loss"] = static + saved + loss + gather - frozen_gather
         moments["backward (last layer)"] = static + saved + rebuilt + in_layer + act_grads + gather
         moments["backward (end)"] = (static + grads - grad_layer_total + in_layer + act_grads + gather
+                                     - frozen_gather * (1 - 1 / cfg.frozen_gathered_layers)
                                      + (rebuilt if cfg.activation_checkpointing else layer_act))
         opt_temp = 0.0 if optimizer == 0 else 2 * 4.0 * largest_train * (opt_share if cfg.shards_optimizer else 1)
         moments["optimizer step"] = static + grads + opt_temp
