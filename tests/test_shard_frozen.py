@@ -135,6 +135,20 @@ def test_a_backward_that_raised_leaves_nothing_gathered_for_the_next_step(tmp_pa
     assert frozen_memory(sh)["resident"] == shards.shard_bytes()
 
 
+def test_fold_inside_gathered_equals_the_replicated_fold(tmp_path, one_rank_group):
+    from lrqat_dist import fold
+
+    cfg = _cfg(tmp_path, "int-packed")
+    rep, sh = build_model(cfg, "cpu"), build_model(cfg, "cpu", shard_frozen=True)
+    shards = frozen_shards(sh)
+    with shards.gathered():
+        assert all(s.resident for s in shards.layers)
+        got = fold(sh)
+    want = fold(rep)
+    assert got.keys() == want.keys() and all(torch.equal(got[n].codes, want[n].codes) for n in want)
+    assert not any(s.resident for s in shards.layers)
+
+
 def test_a_buffer_moved_off_the_shared_storage_is_refused(tmp_path, one_rank_group):
     sh = build_model(_cfg(tmp_path, "fixed"), "cpu", shard_frozen=True)
     q = sh.model.layers[1].self_attn.q_proj

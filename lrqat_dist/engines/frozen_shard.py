@@ -39,8 +39,9 @@ padding); during a forward or backward at most 1 gathered layer, 2 with prefetch
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -262,6 +263,18 @@ class FrozenShards:
     def free_all(self) -> None:
         for s in self.layers:
             s.free()
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Every layer gathered inside, freed on exit (collective: every rank enters it). For code that
+        reads the frozen buffers outside a forward, e.g. an in-process ``fold`` of the trained model:
+        at rest they view freed storage, and reading them there is undefined (may crash)."""
+        try:
+            for s in self.layers:
+                s.ensure()
+            yield
+        finally:
+            self.free_all()
 
     def remove(self) -> None:
         for h in self.handles:
